@@ -1,0 +1,111 @@
+"""The ``tinyclip-ds`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from tinyclip_ds.config import RecipeError, describe
+from tinyclip_ds.recipe import STAGES, Recipe, load_recipe
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        parser.add_argument("recipe", help="recipe YAML file")
+    else:
+        parser.add_argument("--recipe", default=None, help="recipe YAML file (default: the stage's demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable); "
+                             "deepspeed.* keys override the DeepSpeed config")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a recipe and its DeepSpeed config; print the resolved tree and batch sizes."""
+    from tinyclip_ds.train.deepspeed_config import build_ds_config
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    ds = build_ds_config(recipe.ds_config, recipe.deepspeed, recipe.train, world,
+                         check_accelerator=not args.skip_accelerator_check)
+    print(recipe.to_yaml(), end="")
+    print(f"# world size {world}: micro batch {ds['train_micro_batch_size_per_gpu']} × "
+          f"accumulation {ds['gradient_accumulation_steps']} × world {world} = "
+          f"global batch {ds['train_batch_size']}")
+    print(f"# DeepSpeed config: {recipe.ds_config} (ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)})")
+    print(f"# recipe OK: {recipe.name} ({recipe.stage}), run directory {recipe.output_dir}")
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """Print every recipe field with its type, default and description."""
+    rows = [r for r in describe(Recipe) if r[0].startswith(args.prefix or "")]
+    width = max(len(r[0]) for r in rows)
+    for key, type_name, default, help_text in rows:
+        print(f"{key:<{width}}  {type_name} = {default}")
+        for line in textwrap.wrap(help_text, 88 - 4):
+            print(f"    {line}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Build the recipe's teacher and students and print their sizes and layer maps."""
+    from tinyclip_ds.models.summary import summarize
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(summarize(recipe))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One training rank (what the stage launchers run on every rank)."""
+    from tinyclip_ds.train.run import train
+
+    recipe = load_recipe(args.recipe, args.overrides, stage=args.stage)
+    return train(recipe, resume=args.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyclip-ds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help=cmd_check.__doc__, description=cmd_check.__doc__)
+    _add_recipe_args(check)
+    check.add_argument("--world-size", type=int, default=0,
+                       help="world size to compute batch fields for (default: $WORLD_SIZE or 1)")
+    check.add_argument("--skip-accelerator-check", action="store_true",
+                       help="do not refuse precisions this machine's accelerator cannot run "
+                            "(to check a GPU recipe on a CPU machine)")
+    check.set_defaults(func=cmd_check)
+
+    recipe = sub.add_parser("recipe", help=cmd_recipe.__doc__, description=cmd_recipe.__doc__)
+    recipe.add_argument("prefix", nargs="?", help="only fields whose dotted key starts with this")
+    recipe.set_defaults(func=cmd_recipe)
+
+    summary = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
+    _add_recipe_args(summary)
+    summary.set_defaults(func=cmd_summary)
+
+    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    train.add_argument("--stage", choices=STAGES, required=True)
+    _add_recipe_args(train, required=False)
+    train.add_argument("--resume", default=None, metavar="auto|PATH|TAG",
+                       help="continue from a checkpoint: auto = the newest complete one of the run")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                       help="set by DeepSpeed's launcher; the rank is read from the environment")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data sources, transforms, tokenizers and the digits demo."""

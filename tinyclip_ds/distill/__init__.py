@@ -1,0 +1,1 @@
+"""Layer maps, loss terms and the stage objectives that combine them."""

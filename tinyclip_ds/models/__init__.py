@@ -1,0 +1,1 @@
+"""CLIP towers that return their intermediates, teacher loaders and students."""

@@ -1,0 +1,1 @@
+"""DeepSpeed setup, the training loops, large-batch contrastive, checkpoints, monitoring."""
