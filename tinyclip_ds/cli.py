@@ -60,9 +60,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training rank (what the stage launchers run on every rank)."""
-    from tinyclip_ds.train.run import train
-
     recipe = load_recipe(args.recipe, args.overrides, stage=args.stage)
+    from tinyclip_ds.train.run import train  # heavy imports only once the recipe is valid
+
     return train(recipe, resume=args.resume)
 
 

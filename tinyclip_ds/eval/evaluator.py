@@ -1,10 +1,36 @@
-"""Evaluation during training: retrieval and zero-shot, computed once on gathered embeddings."""
+"""Evaluation during training: retrieval and zero-shot, computed once on gathered embeddings.
+
+Each rank embeds a strided shard of every evaluation set; `gather_by_index` puts all rows back
+in sample order on every rank; metrics are computed once on the full set. The numbers are
+therefore the same for any world size and any ``eval.batch_size``.
+
+A *side* is what one tower contributes: the image side embeds the retrieval images and the
+zero-shot images, the text side the retrieval captions and the zero-shot class prompts. In
+stage 1 a student side is paired with the teacher's other side; in stage 2 both are students.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-from tinyclip_ds.config import option
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tinyclip_ds.config import RecipeError, option
+from tinyclip_ds.data.config import DataConfig
+from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs
+from tinyclip_ds.data.transforms import eval_transform
+from tinyclip_ds.eval.gather import gather_by_index, shard_indices
+from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
+
+Encoder = Callable[[Tensor], Tensor]
+
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
+                     "a photo of the small {}.", "a cropped photo of a {}.", "a close-up photo of a {}."]
 
 
 @dataclass
@@ -14,6 +40,128 @@ class EvalConfig:
                            "demo:digits / demo:digit_pairs; '' = no retrieval eval")
     zeroshot: str = option("", "classification set for zero-shot accuracy: a folder with one "
                                "sub-folder per class, or demo:digits; '' = none")
-    templates: str = option("default", "zero-shot prompt templates: default, demo, or a .txt file "
-                                       "with one template per line containing {}")
+    templates: str = option("default", "zero-shot prompt templates: 'default' (the set's own, "
+                                       "else a generic CLIP set) or a .txt file, one template with {} per line")
     batch_size: int = option(64, "evaluation batch size per rank (results do not depend on it)")
+    heatmap_size: int = option(32, "samples shown in the student-vs-teacher similarity heatmap")
+
+
+@dataclass
+class ImageSide:
+    retrieval: Tensor | None  # (N_images, E) normalised
+    zeroshot: Tensor | None  # (N_zeroshot, E) normalised
+
+
+@dataclass
+class TextSide:
+    retrieval: Tensor | None  # (N_captions, E) normalised
+    classes: Tensor | None  # (C, E) prompt-ensemble class embeddings
+
+
+class Evaluator:
+    """The recipe's validation sets, loaded once; embeds them with any pair of encoders."""
+
+    def __init__(self, cfg: EvalConfig, data: DataConfig, image_size: int, mean, std, tokenizer,
+                 device: torch.device):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+        self.transform = eval_transform(image_size, mean, std)
+        self.retrieval = None
+        if cfg.data:
+            self.retrieval = eval_pairs(cfg.data, data.image_root, data.csv_image_key,
+                                        data.csv_caption_key, key="eval.data")
+        self.zeroshot = None
+        self.templates: list[str] = []
+        if cfg.zeroshot:
+            images, labels, classnames, own_templates = classification_source(cfg.zeroshot)
+            self.zeroshot = (images, torch.tensor(labels), classnames)
+            self.templates = resolve_templates(cfg.templates, own_templates)
+
+    @property
+    def enabled(self) -> bool:
+        return self.retrieval is not None or self.zeroshot is not None
+
+    @torch.no_grad()
+    def image_side(self, encode: Encoder) -> ImageSide:
+        retrieval = self._encode_images(encode, self.retrieval[0], "eval.data") if self.retrieval else None
+        zeroshot = self._encode_images(encode, self.zeroshot[0], "eval.zeroshot") if self.zeroshot else None
+        return ImageSide(retrieval, zeroshot)
+
+    @torch.no_grad()
+    def text_side(self, encode: Encoder) -> TextSide:
+        retrieval = None
+        if self.retrieval:
+            captions = self.retrieval[1]
+            retrieval = self._encode_sharded(len(captions), lambda idx: self.tokenizer([captions[i] for i in idx]),
+                                             encode)
+        classes = None
+        if self.zeroshot:
+            classes = class_embeddings(lambda ids: encode(ids.to(self.device)).float(), self.tokenizer,
+                                       self.zeroshot[2], self.templates, self.cfg.batch_size)
+        return TextSide(retrieval, classes)
+
+    def metrics(self, images: ImageSide, texts: TextSide) -> dict[str, float]:
+        """Unprefixed metrics of one image side against one text side."""
+        results = {}
+        if self.retrieval:
+            results.update(retrieval_metrics(images.retrieval, texts.retrieval,
+                                             torch.tensor(self.retrieval[2])))
+        if self.zeroshot:
+            results.update(zeroshot_accuracy(images.zeroshot, self.zeroshot[1], texts.classes))
+        return results
+
+    def similarity_sample(self, images: ImageSide, texts: TextSide) -> Tensor | None:
+        """Cosine similarities of the first retrieval images against their first captions."""
+        if not self.retrieval:
+            return None
+        k = self.cfg.heatmap_size
+        first_texts = [next(j for j, i in enumerate(self.retrieval[2]) if i == image)
+                       for image in range(min(k, len(images.retrieval)))]
+        return images.retrieval[:k] @ texts.retrieval[first_texts].T
+
+    def _encode_images(self, encode: Encoder, source: ImageSource, key: str) -> Tensor:
+        def load(indices):
+            images = []
+            for i in indices:
+                image = source.load(i)
+                if image is None:
+                    raise RecipeError(f"'{key}': evaluation image {source.entries[i]} cannot be read; "
+                                      f"evaluation sets must be complete — fix or remove it")
+                images.append(self.transform(image))
+            return torch.stack(images)
+        return self._encode_sharded(len(source), load, encode)
+
+    def _encode_sharded(self, total: int, load: Callable[[list[int]], Tensor], encode: Encoder) -> Tensor:
+        """Embed this rank's shard batch by batch, then gather the full set in sample order."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = list(shard_indices(total, rank, world))
+        batch = self.cfg.batch_size
+        # Every rank runs the same number of forward passes: ZeRO-3 gathers parameters
+        # collectively inside forward, so a rank with a shorter shard repeats a dummy batch.
+        batches = torch.tensor(math.ceil(len(mine) / batch))
+        if world > 1:
+            batches = batches.to(self.device)
+            dist.all_reduce(batches, op=dist.ReduceOp.MAX)
+        outputs = []
+        for b in range(int(batches)):
+            indices = mine[b * batch:(b + 1) * batch]
+            embedding = encode(load(indices or [0]).to(self.device)).float()
+            outputs.append(torch.nn.functional.normalize(embedding, dim=-1).cpu()[:len(indices)])
+        local = torch.cat(outputs)
+        return gather_by_index(local, torch.tensor(mine, dtype=torch.long), total)
+
+
+def resolve_templates(spec: str, own: list[str] | None) -> list[str]:
+    """Zero-shot templates: the set's own (or a generic CLIP set) for 'default', or a .txt file."""
+    if spec == "default":
+        return own or DEFAULT_TEMPLATES
+    path = Path(spec)
+    if not path.is_file():
+        raise RecipeError(f"'eval.templates': {spec} is neither 'default' nor a .txt file of templates")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise RecipeError(f"'eval.templates': every line of {path} needs exactly one {{}}; bad: {bad[:3]}")
+    return templates

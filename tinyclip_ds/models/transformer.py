@@ -266,6 +266,16 @@ class TextTower(nn.Module):
             return ids.argmax(dim=-1)
         return (ids == self.shape.eot_token_id).int().argmax(dim=-1)
 
+    def fit_context(self, ids: Tensor) -> Tensor:
+        """Ids tokenized for a longer context, cut to this tower's, keeping the end-of-text token."""
+        if ids.shape[1] <= self.shape.context_length:
+            return ids
+        eot = self.eot_positions(ids)
+        cut = ids[:, :self.shape.context_length].clone()
+        too_long = eot >= self.shape.context_length
+        cut[too_long, -1] = ids[too_long, eot[too_long]]
+        return cut
+
     def forward(self, ids: Tensor, request: Request = Request()) -> TowerOutput:
         n = ids.shape[1]
         if n > self.shape.context_length:

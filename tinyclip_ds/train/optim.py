@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
+from torch import nn
 
 from tinyclip_ds.config import option
 
@@ -30,3 +34,34 @@ class TrainConfig:
     freeze: Literal["none", "image", "text"] = option("none", "stage 2: keep one student tower frozen")
     log_every: int = option(10, "print and log training scalars every this many steps")
     max_nonfinite: int = option(20, "stop (with a checkpoint) after this many non-finite losses in a row")
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only; not on norms, biases, embeddings, logit scale."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "embedding" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Multiplier of train.lr at optimizer step ``step``: linear warmup, then cosine or constant."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    floor = train.min_lr / train.lr if train.lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(module: nn.Module, train: TrainConfig):
+    """A torch AdamW and its LambdaLR schedule; DeepSpeed wraps both and checkpoints their state."""
+    optimizer = torch.optim.AdamW(parameter_groups(module, train.weight_decay), lr=train.lr,
+                                  betas=(train.beta1, train.beta2), eps=train.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    return optimizer, schedule

@@ -1,0 +1,341 @@
+"""The data layer: transforms, sources, datasets, the world-size-independent sampler."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from tinyclip_ds.config import RecipeError
+from tinyclip_ds.data.datasets import ImageDataset, PairDataset, TextDataset, collate
+from tinyclip_ds.data.sampler import GlobalBatchSampler, sample_seed, train_loader
+from tinyclip_ds.data.sources import (ImageSource, PairSource, caption_source, classification_source,
+                                      eval_pairs, image_source, pair_source)
+from tinyclip_ds.data.transforms import GEOMETRIC_OPS, GeometricRandAugment, eval_transform, train_transform
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+SIZE = 16
+
+
+def char_tokenizer(texts: list[str], ctx: int = 24) -> torch.Tensor:
+    """A stand-in tokenizer: character codes, zero padded."""
+    out = torch.zeros(len(texts), ctx, dtype=torch.long)
+    for row, text in enumerate(texts):
+        codes = [ord(c) for c in text[:ctx]]
+        out[row, :len(codes)] = torch.tensor(codes)
+    return out
+
+
+def random_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def write_png(path, seed: int, size: tuple[int, int] = (20, 20)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    random_image(*size, seed).save(path)
+
+
+# --------------------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_eval_transform_is_clip_preprocessing(mode):
+    image = random_image(40, 24, seed=1, mode=mode)
+    out = eval_transform(SIZE, MEAN, STD)(image)
+    assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.float32
+    # direct computation: shorter side to SIZE with PIL bicubic, centre crop, [0, 1], normalise
+    resized = image.convert("RGB").resize((int(SIZE * 40 / 24), SIZE), Image.BICUBIC)
+    left = round((resized.width - SIZE) / 2)
+    pixels = np.asarray(resized, dtype=np.float32)[:, left:left + SIZE] / 255
+    expected = (pixels - np.array(MEAN, dtype=np.float32)) / np.array(STD, dtype=np.float32)
+    torch.testing.assert_close(out, torch.from_numpy(expected).permute(2, 0, 1), atol=1e-5, rtol=0)
+
+
+def test_train_transform_keeps_only_geometric_ops():
+    space = GeometricRandAugment()._augmentation_space(31, (SIZE, SIZE))
+    assert set(space) == set(GEOMETRIC_OPS)
+    colour_ops = {"Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize",
+                  "AutoContrast", "Equalize", "Invert"}
+    assert not colour_ops & set(space)
+
+    # Behaviour: on a one-colour image the centre pixel survives any shear, translation or
+    # rotation at the default magnitude, but not a colour operation.
+    flat = Image.new("RGB", (SIZE, SIZE), (200, 60, 30))
+    expected = (torch.tensor([200, 60, 30]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+    def centre_pixels(transform) -> list[torch.Tensor]:
+        dataset = ImageDataset(ImageSource([flat]), transform)
+        return [dataset[(0, seed)]["image"][:, SIZE // 2, SIZE // 2] for seed in range(40)]
+
+    geometric = train_transform(SIZE, MEAN, STD)
+    assert all(torch.allclose(p, expected, atol=1e-5) for p in centre_pixels(geometric))
+    # the same check catches torchvision's full RandAugment, which includes colour ops
+    full = T.Compose([T.RandAugment(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    assert not all(torch.allclose(p, expected, atol=1e-5) for p in centre_pixels(full))
+
+
+def test_train_transform_depends_only_on_sample_seed():
+    dataset = ImageDataset(ImageSource([random_image(24, 24, seed=2)]), train_transform(SIZE, MEAN, STD))
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = dataset[(0, 7)]["image"]
+    assert torch.equal(torch.random.get_rng_state(), before), "the caller's RNG must be untouched"
+    torch.manual_seed(999)  # a different global state changes nothing
+    assert torch.equal(dataset[(0, 7)]["image"], first)
+    others = [dataset[(0, seed)]["image"] for seed in range(8, 16)]
+    assert any(not torch.equal(first, other) for other in others), "augmentation never varied"
+    no_augment = ImageDataset(dataset.source, train_transform(SIZE, MEAN, STD, randaugment=False))
+    torch.testing.assert_close(no_augment[(0, 7)]["image"], eval_transform(SIZE, MEAN, STD)(dataset.source.load(0)))
+
+
+# --------------------------------------------------------------------------- sources
+
+def test_image_folder_is_recursive_and_sorted(tmp_path):
+    for rel, seed in [("b.png", 0), ("a/x.png", 1), ("a/deep/er/y.png", 2)]:
+        write_png(tmp_path / rel, seed)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "z.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / ".hidden.png").write_bytes(b"ignored")
+    source = image_source([str(tmp_path)])
+    assert [p.relative_to(tmp_path).as_posix() for p in source.entries] == \
+        ["a/deep/er/y.png", "a/x.png", "b.png", "c/z.jpg"]
+    assert np.array_equal(np.asarray(source.load(0)), np.asarray(random_image(20, 20, seed=2)))
+    assert source.load(3) is None  # garbage bytes: reported, not raised
+
+    # two specs are concatenated
+    assert len(image_source([str(tmp_path), str(tmp_path / "a")])) == 4 + 2
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    for i in range(6):
+        write_png(tmp_path / f"{i}.png", seed=i)
+    (tmp_path / "3.png").write_bytes(b"\x89PNG garbage")
+    truncated = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "5.png").write_bytes(truncated[:len(truncated) // 2])
+    dataset = ImageDataset(image_source(str(tmp_path)), train_transform(SIZE, MEAN, STD))
+    assert dataset[(3, 0)] == {"index": 3, "skipped": True}
+    assert dataset[(5, 0)] == {"index": 5, "skipped": True}
+
+    sampler = GlobalBatchSampler(6, micro_batch=6, accumulation=1, world_size=1, rank=0, seed=0)
+    for workers in (0, 2):
+        batch = next(iter(train_loader(dataset, sampler, num_workers=workers)))
+        keys = sampler.micro_batch_keys(0, 0)
+        good = [(i, s) for i, s in keys if i not in (3, 5)]
+        assert batch["skipped"] == 2
+        assert batch["index"].tolist() == [i for i, _ in good]
+        torch.testing.assert_close(batch["image"], torch.stack([dataset[k]["image"] for k in good]))
+
+    everything_bad = collate([{"index": 1, "skipped": True}])
+    assert everything_bad["skipped"] == 1 and everything_bad["index"].numel() == 0
+
+
+def test_text_and_coco_captions(tmp_path):
+    (tmp_path / "caps.txt").write_text("a dog\n\n  a cat on a mat  \n\n")
+    coco = {"images": [{"id": 1, "file_name": "one.jpg"}, {"id": 2, "file_name": "two.jpg"},
+                       {"id": 3, "file_name": "no_caption.jpg"}],
+            "annotations": [{"image_id": 2, "id": 10, "caption": "two a "},
+                            {"image_id": 1, "id": 11, "caption": "one a"},
+                            {"image_id": 2, "id": 12, "caption": "two b"},
+                            {"image_id": 1, "id": 13, "caption": "one b"},
+                            {"image_id": 2, "id": 14, "caption": "two c"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    captions = caption_source([str(tmp_path / "caps.txt"), str(tmp_path / "captions.json")])
+    assert captions == ["a dog", "a cat on a mat", "two a", "one a", "two b", "one b", "two c"]
+
+    pairs = pair_source(str(tmp_path / "captions.json"))
+    assert pairs.entries == [tmp_path / "one.jpg", tmp_path / "two.jpg"]
+    assert pairs.captions == [["one a", "one b"], ["two a", "two b", "two c"]]
+    moved = pair_source([str(tmp_path / "captions.json")], image_root=str(tmp_path / "images"))
+    assert moved.entries[0] == tmp_path / "images" / "one.jpg"
+
+    images, flat, text_to_image = eval_pairs(str(tmp_path / "captions.json"))
+    assert flat == ["one a", "one b", "two a", "two b", "two c"]
+    assert [images.entries[i].name for i in text_to_image] == ["one.jpg"] * 2 + ["two.jpg"] * 3
+
+
+@pytest.mark.parametrize("suffix,delimiter", [(".csv", ","), (".tsv", "\t")])
+def test_csv_and_tsv_pairs(tmp_path, suffix, delimiter):
+    rows = [("img/a.png", "an a, quoted"), ("/abs/b.png", "a b"), ("img/a.png", "another a")]
+    path = tmp_path / f"pairs{suffix}"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["url", "path", "text"])
+        writer.writerows([("http://x", p, c) for p, c in rows])
+    pairs = pair_source(str(path), csv_image_key="path", csv_caption_key="text")
+    assert pairs.entries == [tmp_path / "img" / "a.png", tmp_path / "/abs/b.png"]
+    assert pairs.captions == [["an a, quoted", "another a"], ["a b"]]
+
+    with pytest.raises(RecipeError) as error:
+        pair_source([str(path)])  # default keys: filepath / title
+    message = str(error.value)
+    assert "data.pairs[0]" in message and "'filepath'" in message and "data.csv_image_key" in message
+    assert all(column in message for column in ("'url'", "'path'", "'text'"))
+    with pytest.raises(RecipeError, match="'title'.*data.csv_caption_key"):
+        pair_source(str(path), csv_image_key="path")
+
+
+def test_pair_dataset_draws_a_caption_from_the_sample_seed(tmp_path):
+    write_png(tmp_path / "a.png", seed=0)
+    source = PairSource([tmp_path / "a.png"], [["first", "second", "third"]])
+    dataset = PairDataset(source, train_transform(SIZE, MEAN, STD), char_tokenizer)
+    texts = {seed: dataset[(0, seed)]["text"] for seed in range(30)}
+    chosen = {tuple(t.tolist()) for t in texts.values()}
+    assert chosen == {tuple(char_tokenizer([c])[0].tolist()) for c in source.captions[0]}
+    assert all(torch.equal(dataset[(0, seed)]["text"], text) for seed, text in texts.items())
+    assert torch.equal(dataset[0]["text"], char_tokenizer(["first"])[0])  # evaluation: first caption
+
+    batch = collate([TextDataset(["x", "yy"], char_tokenizer)[(i, 0)] for i in (1, 0)])
+    assert batch["index"].tolist() == [1, 0] and batch["skipped"] == 0
+    assert torch.equal(batch["text"], char_tokenizer(["yy", "x"]))
+
+
+def test_classification_folder(tmp_path):
+    for cls, n in [("golden_retriever", 2), ("tabby", 3)]:
+        for i in range(n):
+            write_png(tmp_path / cls / f"{i}.png", seed=i)
+    images, labels, classnames, templates = classification_source(str(tmp_path))
+    assert classnames == ["golden retriever", "tabby"] and templates is None
+    assert labels == [0, 0, 1, 1, 1]
+    assert [p.parent.name for p in images.entries] == ["golden_retriever"] * 2 + ["tabby"] * 3
+    (tmp_path / "classnames.txt").write_text("dog\ncat\n")
+    assert classification_source(str(tmp_path))[2] == ["dog", "cat"]
+    (tmp_path / "classnames.txt").write_text("dog\n")
+    with pytest.raises(RecipeError, match="eval.zeroshot.*1 names.*2 class folders"):
+        classification_source(str(tmp_path))
+
+
+def test_bad_specs_name_the_recipe_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.md").write_text("hi")
+    (tmp_path / "blank.txt").write_text("\n\n")
+    write_png(tmp_path / "good" / "a.png", seed=0)
+    with pytest.raises(RecipeError, match=r"data.images\[1\].*does not exist"):
+        image_source([str(tmp_path / "good"), str(tmp_path / "missing")])
+    with pytest.raises(RecipeError, match=r"data.images.*is a file.*image folder"):
+        image_source(str(tmp_path / "notes.md"))
+    with pytest.raises(RecipeError, match=r"data.images\[0\].*contains no images"):
+        image_source([str(tmp_path / "empty")])
+    with pytest.raises(RecipeError, match=r"data.captions.*accepted: \.txt.*\.json"):
+        caption_source(str(tmp_path / "notes.md"))
+    with pytest.raises(RecipeError, match=r"data.captions.*contains no captions"):
+        caption_source(str(tmp_path / "blank.txt"))
+    with pytest.raises(RecipeError, match=r"data.pairs.*accepted: \.csv / \.tsv"):
+        pair_source(str(tmp_path / "blank.txt"))
+    with pytest.raises(RecipeError, match="eval.data.*does not exist"):
+        eval_pairs(str(tmp_path / "missing.csv"))
+    with pytest.raises(RecipeError, match="eval.zeroshot.*no sub-folders"):
+        classification_source(str(tmp_path / "empty"))
+    with pytest.raises(RecipeError, match="data.images.*unknown demo data 'demo:digts'.*demo:digits"):
+        image_source("demo:digts")
+    with pytest.raises(RecipeError, match=r"data.images' is empty"):
+        image_source([])
+
+
+# --------------------------------------------------------------------------- sampler
+
+WORLDS = [(1, 4), (2, 2), (4, 1)]  # (world size, accumulation): same micro and global batch
+MICRO = 3
+
+
+def micro_batches_of_step(world: int, accumulation: int, num_samples: int, step: int,
+                          start_step: int = 0) -> list[list[tuple[int, int]]]:
+    """The micro-batches of global step ``step`` in k order, gathered from every rank's sampler."""
+    per_rank = []
+    for rank in range(world):
+        iterator = iter(GlobalBatchSampler(num_samples, MICRO, accumulation, world, rank,
+                                           seed=5, start_position=start_step * accumulation))
+        batches = [next(iterator) for _ in range((step - start_step + 1) * accumulation)]
+        per_rank.append(batches[-accumulation:])
+    # k = m * world + r
+    return [per_rank[r][m] for m in range(accumulation) for r in range(world)]
+
+
+def test_global_steps_are_independent_of_world_size():
+    num_samples = 50  # G = 12: 4 steps per epoch, 2 samples dropped per epoch
+    for step in (0, 3, 4, 9):
+        layouts = [micro_batches_of_step(w, a, num_samples, step) for w, a in WORLDS]
+        assert layouts[0] == layouts[1] == layouts[2]
+        sampler = GlobalBatchSampler(num_samples, MICRO, 4, 1, 0, seed=5)
+        assert [i for batch in layouts[0] for i, _ in batch] == sampler.global_batch_indices(step)
+        epoch = sampler.epoch_of(step)
+        assert all(s == sample_seed(5, epoch, i) for batch in layouts[0] for i, s in batch)
+
+
+def test_each_epoch_is_a_permutation_without_repeats():
+    sampler = GlobalBatchSampler(50, MICRO, 2, 2, 0, seed=5)
+    assert sampler.steps_per_epoch == 4 and sampler.epoch_of(3) == 0 and sampler.epoch_of(4) == 1
+    epochs = [[i for step in range(e * 4, e * 4 + 4) for i in sampler.global_batch_indices(step)]
+              for e in range(3)]
+    for seen in epochs:
+        assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(50))
+    assert epochs[0] != epochs[1] != epochs[2]
+    other_seed = GlobalBatchSampler(50, MICRO, 2, 2, 0, seed=6)
+    assert other_seed.global_batch_indices(0) != sampler.global_batch_indices(0)
+
+
+@pytest.mark.parametrize("world,accumulation", WORLDS)
+def test_start_step_continues_an_uninterrupted_run(world, accumulation):
+    for rank in range(world):
+        full = iter(GlobalBatchSampler(50, MICRO, accumulation, world, rank, seed=5))
+        uninterrupted = [next(full) for _ in range(11 * accumulation)]
+        resumed = iter(GlobalBatchSampler(50, MICRO, accumulation, world, rank, seed=5, start_position=6 * accumulation))
+        assert [next(resumed) for _ in range(5 * accumulation)] == uninterrupted[6 * accumulation:]
+
+
+def test_resume_on_another_world_size_sees_the_same_augmented_samples(tmp_path):
+    for i in range(26):
+        write_png(tmp_path / f"{i:02d}.png", seed=i, size=(20, 18))
+    dataset = ImageDataset(image_source(str(tmp_path)), train_transform(SIZE, MEAN, STD))
+    step = 2  # epoch 1 (G = 12, 2 steps per epoch): resumed there on each world size
+    tensors = []
+    for world, accumulation in WORLDS:
+        batches = micro_batches_of_step(world, accumulation, len(dataset), step, start_step=step)
+        tensors.append(torch.cat([collate([dataset[k] for k in keys])["image"] for keys in batches]))
+    assert torch.equal(tensors[0], tensors[1]) and torch.equal(tensors[0], tensors[2])
+
+
+def test_too_little_data_for_one_global_batch():
+    with pytest.raises(RecipeError, match="fewer than one global batch of 24"):
+        GlobalBatchSampler(20, micro_batch=3, accumulation=4, world_size=2, rank=0, seed=0)
+
+
+# --------------------------------------------------------------------------- the digits demo
+
+@pytest.fixture(scope="module")
+def digits():
+    return pytest.importorskip("tinyclip_ds.data.digits")
+
+
+def test_demo_sources(digits):
+    singles = digits.digit_images("train")
+    source = image_source("demo:digits")
+    assert len(source) == len(singles)
+    assert np.array_equal(np.asarray(source.load(5)), np.asarray(singles[5][0]))
+
+    captions = caption_source(["demo:digits"])
+    pair_captions = [c for _, c in digits.digit_pairs("train")]
+    assert captions == digits.single_captions() + pair_captions
+
+    pairs = pair_source(["demo:digit_pairs"])
+    assert [c for per_image in pairs.captions for c in per_image] == pair_captions
+
+    images, flat, text_to_image = eval_pairs("demo:digit_pairs")
+    held_out = digits.digit_pairs("heldout")
+    assert len(images) == len(set(flat)) == 100 and text_to_image == list(range(100))
+    assert flat == [c for _, c in held_out]
+
+    images, labels, classnames, templates = classification_source("demo:digits")
+    assert labels == [label for _, label in digits.digit_images("heldout")]
+    assert classnames == digits.DIGIT_NAMES and templates == digits.SINGLE_TEMPLATES
+
+    tokenizer = digits.DigitsTokenizer()
+    dataset = PairDataset(pairs, train_transform(digits.IMAGE_SIZE, MEAN, STD), tokenizer)
+    sample = dataset[(0, 3)]
+    assert sample["image"].shape == (3, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
+    assert torch.equal(sample["text"], tokenizer([pairs.captions[0][0]])[0])

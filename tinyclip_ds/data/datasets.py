@@ -1,0 +1,114 @@
+"""Map-style datasets for stage 1 (images; captions) and stage 2 (pairs), and their collate.
+
+Training keys are ``(index, sample_seed)`` (from `tinyclip_ds.data.sampler`): all randomness
+of a sample — augmentation, which of its captions is used — is drawn from RNGs seeded with
+its sample seed, so a sample's tensors depend only on (index, seed, epoch), never on
+the worker, the rank or the world size. Evaluation keys are plain indices (no randomness:
+the eval transform is deterministic and the first caption is used).
+
+A sample whose image cannot be read comes back as ``{"index": i, "skipped": True}``;
+`collate` drops it and counts it, so training logs it and goes on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tinyclip_ds.data.sources import ImageSource, PairSource
+from tinyclip_ds.data.tokenizer import Tokenizer
+
+Key = int | tuple[int, int]
+"""``(index, sample_seed)`` in training, a plain index in evaluation."""
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def _split(key: Key) -> tuple[int, int | None]:
+    """``(index, sample_seed)``; the seed is None for a plain evaluation index."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
+def _seeded(sample_seed: int | None, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``draw()`` with torch's CPU RNG seeded by ``sample_seed``; the caller's RNG state is kept."""
+    if sample_seed is None:
+        return draw()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        return draw()
+
+
+class ImageDataset(Dataset):
+    """Images of a source through a transform -> ``{"index", "image": float (3, S, S)}``.
+
+    With the eval transform and plain-index keys this is also the evaluation dataset of
+    `eval_pairs` and `classification_source` images."""
+
+    def __init__(self, source: ImageSource, transform: Transform) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        index, seed = _split(key)
+        image = self.source.load(index)
+        if image is None:
+            return {"index": index, "skipped": True}
+        return {"index": index, "image": _seeded(seed, lambda: self.transform(image))}
+
+
+class TextDataset(Dataset):
+    """Captions, tokenized -> ``{"index", "text": long (ctx,)}``."""
+
+    def __init__(self, captions: Sequence[str], tokenizer: Tokenizer) -> None:
+        self.captions = captions
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        index, _ = _split(key)
+        return {"index": index, "text": self.tokenizer([self.captions[index]])[0]}
+
+
+class PairDataset(Dataset):
+    """Images with one of their captions -> ``{"index", "image", "text"}``; in training the
+    caption is drawn from the sample seed (a new one each epoch), in evaluation it is the first."""
+
+    def __init__(self, source: PairSource, transform: Transform, tokenizer: Tokenizer) -> None:
+        self.source = source
+        self.images = ImageDataset(source, transform)
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        sample = self.images[key]
+        if sample.get("skipped"):
+            return sample
+        index, seed = _split(key)
+        captions = self.source.captions[index]
+        choice = 0 if seed is None else random.Random(seed).randrange(len(captions))
+        return {**sample, "text": self.tokenizer([captions[choice]])[0]}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the readable samples: ``{"index": long (B,), "image"?: (B, 3, S, S), "text"?:
+    (B, ctx), "skipped": int}``; B may be 0 when every sample of the micro-batch was skipped."""
+    good = [s for s in samples if not s.get("skipped")]
+    batch: dict[str, Any] = {"index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+                             "skipped": len(samples) - len(good)}
+    for name in ("image", "text"):
+        if good and name in good[0]:
+            batch[name] = torch.stack([s[name] for s in good])
+    return batch

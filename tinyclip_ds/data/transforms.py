@@ -1,0 +1,56 @@
+"""CLIP image preprocessing, with geometric-only RandAugment for training.
+
+All randomness comes from torch's global RNG; the datasets seed it per sample (see
+`tinyclip_ds.data.datasets`), so an augmented image depends only on its sample seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+GEOMETRIC_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+"""The RandAugment operations kept: the seed notes found colour operations hurt distillation.
+No flips either: left and right carry meaning (the digit-pairs captions say which is where)."""
+
+
+class GeometricRandAugment(T.RandAugment):
+    """torchvision's RandAugment with its augmentation space reduced to `GEOMETRIC_OPS`."""
+
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict[str, tuple[torch.Tensor, bool]]:
+        space = super()._augmentation_space(num_bins, image_size)
+        return {name: space[name] for name in GEOMETRIC_OPS}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, CMYK, ...) as RGB."""
+    return image.convert("RGB")
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """CLIP preprocessing: RGB, shorter side resized to ``image_size`` (bicubic), centre crop,
+    tensor in [0, 1], normalised with the teacher's ``mean``/``std`` -> float32 (3, S, S)."""
+    return T.Compose(_resize_crop(image_size) + _to_normalised_tensor(mean, std))
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    randaugment: bool = True, ops: int = 2, magnitude: int = 9) -> T.Compose:
+    """`eval_transform` plus, after the crop, RandAugment with geometric operations only
+    (``ops`` operations per image at ``magnitude`` of 0-30)."""
+    augment = [GeometricRandAugment(num_ops=ops, magnitude=magnitude,
+                                    interpolation=InterpolationMode.BILINEAR)] if randaugment else []
+    return T.Compose(_resize_crop(image_size) + augment + _to_normalised_tensor(mean, std))
+
+
+def _resize_crop(image_size: int) -> list:
+    return [T.Lambda(to_rgb),
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size)]
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]

@@ -1,0 +1,70 @@
+"""Monitoring: console lines, TensorBoard scalars and images, and ``metrics.jsonl``.
+
+Only rank 0 writes; other ranks get a Monitor that does nothing, so call sites need no checks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.started = time.time()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Training scalars (loss terms, lr, grad norm, throughput, skip counters)."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Evaluation results: one JSON object per evaluation in metrics.jsonl, and TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.scalars(step, values)
+
+    def heatmap(self, tag: str, step: int, matrix: torch.Tensor) -> None:
+        """A similarity matrix as a colour image (blue = low, red = high), e.g. student vs teacher logits."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, similarity_image(matrix), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def similarity_image(matrix: torch.Tensor, cell: int = 4) -> np.ndarray:
+    """Render a 2-D matrix as an RGB uint8 image with a diverging blue-white-red colour map."""
+    values = matrix.detach().float().cpu().numpy()
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    # Blue (0) → white (0.5) → red (1): simple piecewise-linear channels.
+    red = np.clip(2 * scaled, 0, 1)
+    blue = np.clip(2 - 2 * scaled, 0, 1)
+    green = np.minimum(red, blue)
+    image = (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
+    return image.repeat(cell, axis=0).repeat(cell, axis=1)

@@ -1,0 +1,137 @@
+"""Stage 1: distil one tower (image or text) alone, on unpaired data.
+
+The student tower and the objective's learned projections form the DeepSpeed engine; the
+frozen teacher tower runs outside it under no_grad. Evaluation pairs the student tower with
+the teacher's other tower.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from tinyclip_ds.data.datasets import ImageDataset, TextDataset
+from tinyclip_ds.data.sampler import GlobalBatchSampler, mix_seed, train_loader
+from tinyclip_ds.data.sources import caption_source, image_source
+from tinyclip_ds.data.transforms import train_transform
+from tinyclip_ds.distill import layer_map
+from tinyclip_ds.distill.objectives import Stage1Objective
+from tinyclip_ds.models.students import build_students
+from tinyclip_ds.models.summary import summarize
+from tinyclip_ds.models.transformer import TowerOutput
+from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.deepspeed_config import batch_sizes
+from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, report
+
+
+class Stage1Student(nn.Module):
+    """What DeepSpeed trains in stage 1: one student tower plus the objective's learned parts."""
+
+    def __init__(self, tower: nn.Module, objective: Stage1Objective):
+        super().__init__()
+        self.tower = tower
+        self.objective = objective
+
+    def forward(self, inputs: Tensor, teacher_out: TowerOutput, mask_seed: int) -> tuple[Tensor, dict]:
+        student_out = self.tower(inputs, self.objective.student_request)
+        return self.objective(student_out, teacher_out, mask_seed)
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """The student tower's embedding (evaluation)."""
+        return self.tower(inputs).embedding
+
+
+def train_stage1(run) -> int:
+    recipe, monitor = run.recipe, run.monitor
+    kind = recipe.towers[0]
+    key = f"student.{kind}"
+    teacher_clip = run.teacher.clip
+    teacher_tower = teacher_clip.visual if kind == "image" else teacher_clip.text
+    student = build_students(recipe, teacher_clip)[kind]
+    monitor.print(summarize(recipe, teacher_clip, {kind: student}))
+    tower_cfg = getattr(recipe.student, kind)
+    pairs = layer_map.resolve(tower_cfg.layer_map, teacher_tower.shape.depth, student.shape.depth,
+                              tower_cfg.distill_layers, key)
+    objective = Stage1Objective(recipe.loss, kind, teacher_tower.shape, student.shape, pairs, key)
+    engine = build_engine(Stage1Student(student, objective), run.ds_config, recipe)
+
+    state = TrainState()
+    if run.resume_from:
+        state = TrainState.from_dict(checkpoint.load(engine, run.resume_from))
+        monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
+
+    if kind == "image":
+        dataset = ImageDataset(image_source(recipe.data.images),
+                               train_transform(run.teacher.image_size, run.teacher.image_mean,
+                                               run.teacher.image_std, recipe.data.randaugment,
+                                               recipe.data.randaugment_ops, recipe.data.randaugment_magnitude))
+    else:
+        dataset = TextDataset(caption_source(recipe.data.captions), run.teacher.tokenizer)
+    micro, accumulation, global_batch = batch_sizes(recipe.train, run.world)
+    sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, recipe.seed,
+                                 start_position=math.ceil(state.samples_consumed / (micro * run.world)))
+    batches = iter(train_loader(dataset, sampler, recipe.data.num_workers))
+    monitor.print(f"{len(dataset)} training {'images' if kind == 'image' else 'captions'}, "
+                  f"global batch {global_batch} = micro {micro} × accumulation {accumulation} × {run.world} rank(s)")
+
+    teacher_forward = run.teacher.image if kind == "image" else run.teacher.text
+
+    def one_step() -> StepResult:
+        result = StepResult()
+        done = 0
+        while done < accumulation:
+            batch = next(batches)
+            state.samples_consumed += micro * run.world
+            inputs = batch[kind].to(run.device) if kind in batch else torch.zeros(0, dtype=torch.long)
+            teacher_out = teacher_forward(inputs, objective.teacher_request)
+            loss, terms = engine(inputs if kind == "image" else student.fit_context(inputs), teacher_out,
+                                 mix_seed(recipe.seed, "vit_kd", state.samples_consumed, run.rank))
+            # An empty micro-batch (every image unreadable) has a NaN loss too.
+            finite, skipped = agree(bool(torch.isfinite(loss)), batch["skipped"], run.device)
+            state.skipped_samples += skipped
+            if not finite:
+                # Dropped on every rank alike, so DeepSpeed's collectives stay in step; the next
+                # micro-batch takes its place.
+                state.skipped_batches += 1
+                state.nonfinite_in_a_row += 1
+                monitor.print(f"step {state.step + 1}: non-finite loss, micro-batch dropped "
+                              f"({state.nonfinite_in_a_row} in a row)")
+                if state.nonfinite_in_a_row >= recipe.train.max_nonfinite:
+                    result.stopped = True
+                    return result
+                continue
+            engine.backward(loss)
+            engine.step()
+            state.nonfinite_in_a_row = 0
+            done += 1
+            result.loss += loss.item() / accumulation
+            for name, value in terms.items():
+                result.terms[name] = result.terms.get(name, 0.0) + value.item() / accumulation
+            result.samples += len(inputs)
+        return result
+
+    evaluator = run.evaluator
+    teacher_sides = {}
+
+    def evaluate(step: int) -> None:
+        if not evaluator.enabled:
+            return
+        if not teacher_sides:  # the teacher is frozen: embed the validation sets once
+            teacher_sides["image"] = evaluator.image_side(lambda x: teacher_clip.visual(x).embedding)
+            teacher_sides["text"] = evaluator.text_side(lambda ids: teacher_clip.text(ids).embedding)
+        engine.module.eval()
+        if kind == "image":
+            student_side = evaluator.image_side(engine.module.encode)
+            sides = (student_side, teacher_sides["text"])
+        else:
+            student_side = evaluator.text_side(lambda ids: engine.module.encode(student.fit_context(ids)))
+            sides = (teacher_sides["image"], student_side)
+        engine.module.train()
+        report(run, step, evaluator.metrics(*sides),
+               evaluator.metrics(teacher_sides["image"], teacher_sides["text"]),
+               evaluator.similarity_sample(*sides),
+               evaluator.similarity_sample(teacher_sides["image"], teacher_sides["text"]))
+
+    return Trainer(run, engine, state).fit(one_step, evaluate)
