@@ -58,7 +58,7 @@ SMALL_FEATURES = {
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Add noise to every parameter (libraries initialise LayerNorms to 1/0 and some biases to 0)."""
+    """Add noise to every parameter (libraries initialise LayerNorms to 1/0, some biases to 0)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -68,7 +68,7 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def text_ids(batch_eot: list[int], context: int, eot: int, pad: int, seed: int = 0,
              low: int = 1, high: int = SOT) -> Tensor:
-    """Token ids with a start token, random text, the end token at each given position, then padding."""
+    """Token ids: start token, random text, the end token at each row's position, padding."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(low, high, (len(batch_eot), context), generator=generator)
     ids[:, 0] = SOT
@@ -93,20 +93,27 @@ def assert_close(ours: Tensor, reference: Tensor, what: str) -> None:
     assert error <= TOLERANCE, f"{what}: max abs difference {error:.3g} > {TOLERANCE}"
 
 
-def assert_matches_open_clip(clip: Clip, library: nn.Module, what: str) -> None:
-    shape = clip.visual.shape
-    x = images(2, shape.image_size)
-    ctx = clip.text.shape.context_length
-    if clip.text.shape.eot_token_id is None:
-        ids = text_ids([5, ctx - 1], ctx, EOT, pad=0)
-    else:  # random ids above eos_id, so argmax pooling would pick another position
-        eos = clip.text.shape.eot_token_id
-        ids = text_ids([4, ctx - 1], ctx, eos, pad=0, low=eos + 1)
-    clip.eval()
+def open_clip_inputs(library: nn.Module) -> tuple[Tensor, Tensor]:
+    """Two images and two texts (end token early and last) for an open_clip model."""
+    x = images(2, library.visual.image_size[0])
+    ctx = library.context_length
+    if library.text_pool_type == "argmax":
+        return x, text_ids([5, ctx - 1], ctx, EOT, pad=0)
+    # ids above eos_id, so that pooling at argmax would pick another position
+    eos = library.text_eos_id
+    return x, text_ids([4, ctx - 1], ctx, eos, pad=0, low=eos + 1)
+
+
+def assert_matches_open_clip(clips: dict[str, Clip], library: nn.Module) -> None:
+    """Each loaded clip's embeddings and logit scale against open_clip's encode_image/_text."""
+    x, ids = open_clip_inputs(library)
     with torch.no_grad():
-        assert_close(clip.encode_image(x), library.encode_image(x), f"{what} image")
-        assert_close(clip.encode_text(ids), library.encode_text(ids), f"{what} text")
-        assert_close(clip.logit_scale, library.logit_scale.reshape(()), f"{what} logit_scale")
+        image, text = library.encode_image(x), library.encode_text(ids)
+        for what, clip in clips.items():
+            clip.eval()
+            assert_close(clip.encode_image(x), image, f"{what} image")
+            assert_close(clip.encode_text(ids), text, f"{what} text")
+            assert_close(clip.logit_scale, library.logit_scale.reshape(()), f"{what} logit_scale")
 
 
 def save_torchscript(state: dict[str, Tensor], path: Path) -> None:
@@ -147,9 +154,9 @@ def test_openai_and_open_clip_loaders_match_open_clip(name, tmp_path):
                 "vocab_size": torch.tensor(49408)}
     save_torchscript({**state, **metadata}, archive)
 
-    assert_matches_open_clip(load_open_clip(str(model), plain), library, f"open_clip {name}")
-    assert_matches_open_clip(load_openai(plain), library, f"openai state dict {name}")
-    assert_matches_open_clip(load_openai(archive), library, f"openai TorchScript {name}")
+    assert_matches_open_clip({f"open_clip {name}": load_open_clip(str(model), plain),
+                              f"openai state dict {name}": load_openai(plain),
+                              f"openai TorchScript {name}": load_openai(archive)}, library)
 
 
 def test_open_clip_config_features_and_file_formats(tmp_path):
@@ -162,10 +169,11 @@ def test_open_clip_config_features_and_file_formats(tmp_path):
     save_file(state, tmp_path / "weights.safetensors")
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}},
                tmp_path / "checkpoint.pt")
-    for weights in ("weights.safetensors", "checkpoint.pt"):
-        clip = load_open_clip(str(config), tmp_path / weights)
+    clips = {weights: load_open_clip(str(config), tmp_path / weights)
+             for weights in ("weights.safetensors", "checkpoint.pt")}
+    for clip in clips.values():
         assert clip.text.shape.eot_token_id == 7 and clip.visual.shape.ln_eps == 1e-6
-        assert_matches_open_clip(clip, library, f"open_clip {weights}")
+    assert_matches_open_clip(clips, library)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -179,7 +187,8 @@ HF_SHAPES = {
         projection_dim=512),
     "ViT-B-16": dict(
         vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                           intermediate_size=3072, patch_size=16, image_size=224, hidden_act="gelu"),
+                           intermediate_size=3072, patch_size=16, image_size=224,
+                           hidden_act="gelu"),
         text_config=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
                          intermediate_size=2048, max_position_embeddings=77, eos_token_id=EOT,
                          hidden_act="gelu"),
@@ -188,14 +197,17 @@ HF_SHAPES = {
         vision_config=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
                            intermediate_size=200, patch_size=8, image_size=48, layer_norm_eps=1e-6),
         text_config=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=16, eos_token_id=EOT,
+                         intermediate_size=128, max_position_embeddings=16, eos_token_id=7,
                          vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-6),
         projection_dim=40),
 }
 
 
-def save_hf(name: str, directory: Path) -> CLIPModel:
-    library = perturb(CLIPModel(CLIPConfig(**HF_SHAPES[name])))
+def save_hf(name: str, directory: Path, **text_changes) -> CLIPModel:
+    config = CLIPConfig(**HF_SHAPES[name])
+    for key, value in text_changes.items():
+        setattr(config.text_config, key, value)
+    library = perturb(CLIPModel(config))
     library.save_pretrained(directory)
     return library
 
@@ -204,10 +216,14 @@ def save_hf(name: str, directory: Path) -> CLIPModel:
 def test_hf_loader_matches_transformers(name, tmp_path):
     library = save_hf(name, tmp_path)
     clip = load_hf(tmp_path).eval()
-    text_cfg = library.config.text_config
-    ctx = text_cfg.max_position_embeddings
-    # transformers' tokenizer pads with the end token; with eos_token_id == 2 it pools at argmax
-    ids = text_ids([3, ctx - 1], ctx, EOT, pad=EOT)
+    text_config = library.config.text_config
+    ctx, eos = text_config.max_position_embeddings, text_config.eos_token_id
+    if eos == 2:  # configs from before transformers' fix: pooled at argmax(ids)
+        ids = text_ids([3, ctx - 1], ctx, EOT, pad=0)
+    elif eos == EOT:  # pooled at the first end token; transformers' tokenizer pads with it
+        ids = text_ids([3, ctx - 1], ctx, EOT, pad=EOT)
+    else:  # ids above eos, so that pooling at argmax would pick another position
+        ids = text_ids([3, ctx - 1], ctx, eos, pad=eos, low=eos + 1)
     x = images(2, library.config.vision_config.image_size)
     with torch.no_grad():
         assert_close(clip.encode_image(x), features(library.get_image_features(pixel_values=x)),
@@ -234,7 +250,8 @@ def test_intermediates_match_open_clip_internals(config, tmp_path):
            else text_ids(eot_positions, ctx, eos, pad=0, low=eos + 1))
 
     with torch.no_grad():
-        for tower, inputs, lib_tower in ((clip.visual, x, library.visual), (clip.text, ids, library)):
+        for tower, inputs, lib_tower in ((clip.visual, x, library.visual),
+                                         (clip.text, ids, library)):
             depth = tower.transformer.depth
             out = tower(inputs, Request(layers=tuple(range(depth)), **everything))
             plain = tower(inputs)
@@ -247,7 +264,8 @@ def test_intermediates_match_open_clip_internals(config, tmp_path):
         assert torch.equal(text_out.token_mask, expected_tokens)
         causal = positions[None, :] <= positions[:, None]
         assert text_out.attn_mask.shape == (2, 1, ctx, ctx)
-        assert torch.equal(text_out.attn_mask, causal[None, None] & expected_tokens[:, None, :, None])
+        expected_attn = causal[None, None] & expected_tokens[:, None, :, None]
+        assert torch.equal(text_out.attn_mask, expected_attn)
         image_out = clip.visual(x)
         assert image_out.attn_mask is None and bool(image_out.token_mask.all())
         assert image_out.token_mask.shape == (2, clip.visual.shape.grid ** 2 + 1)
@@ -262,7 +280,8 @@ def check_intermediates(out, tower, inputs: Tensor, lib_tower: nn.Module, is_tex
     blocks = lib_tower.transformer.resblocks
     if is_text:
         embeddings = lib_tower.token_embedding(inputs) + lib_tower.positional_embedding
-        layers = lib_tower.forward_intermediates(text=inputs, text_indices=None)["text_intermediates"]
+        result = lib_tower.forward_intermediates(text=inputs, text_indices=None)
+        layers = result["text_intermediates"]
         attn_mask = lib_tower.attn_mask
         first_input = embeddings
         final = lib_tower.ln_final(layers[-1])
@@ -283,7 +302,8 @@ def check_intermediates(out, tower, inputs: Tensor, lib_tower: nn.Module, is_tex
     assert_close(out.embeddings, embeddings, "embeddings")
     assert out.tokens.shape == (batch, n, shape.output_dim)
     assert_close(out.tokens, final @ projection, "tokens")
-    assert sorted(out.hidden) == sorted(out.attn_scores) == sorted(out.qkv) == list(range(len(blocks)))
+    every_layer = list(range(len(blocks)))
+    assert sorted(out.hidden) == sorted(out.attn_scores) == sorted(out.qkv) == every_layer
     for layer, block in enumerate(blocks):
         assert_close(out.hidden[layer], layers[layer], f"hidden {layer}")
         x = block.ln_1(first_input if layer == 0 else layers[layer - 1])
@@ -356,7 +376,8 @@ def test_unsupported_checkpoints_and_configs_are_named(tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as error:
         load_open_clip(str(tmp_path / "odd.json"), tmp_path / "rn50.pt")
-    for feature in ("vision_cfg.ls_init_value=1e-05", "text_cfg.proj_bias=True", "init_logit_bias=-10"):
+    for feature in ("vision_cfg.ls_init_value=1e-05", "text_cfg.proj_bias=True",
+                    "init_logit_bias=-10"):
         assert feature in str(error.value)
 
 
@@ -367,7 +388,8 @@ def write_hf_tokenizer(directory: Path) -> None:
     (the same vocabulary as OpenAI's released tokenizer)."""
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     encoder = SimpleTokenizer().encoder
-    (directory / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in encoder.items()}))
+    vocab = {names.get(token, token): index for token, index in encoder.items()}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
@@ -388,7 +410,7 @@ def test_teacher_is_frozen_and_stays_in_eval(tmp_path):
 
 
 def test_teacher_from_hf_directory_in_bf16(tmp_path):
-    save_hf("small", tmp_path)
+    save_hf("small", tmp_path, eos_token_id=EOT)
     write_hf_tokenizer(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))

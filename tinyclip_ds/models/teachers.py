@@ -75,11 +75,15 @@ class Teacher(nn.Module):
 
 def load_teacher(cfg: TeacherConfig) -> Teacher:
     """Load the frozen teacher a recipe's ``teacher`` section describes, cast to its precision."""
+    if cfg.source != "demo" and not cfg.path:
+        raise RecipeError(f"teacher.path: the {cfg.source} source needs the teacher's weights "
+                          f"(a file, or for hf a CLIPModel directory)")
     try:
         if cfg.source == "demo":
             from tinyclip_ds.data.digits import load_digits_teacher
 
-            clip, tokenizer, mean, std = load_digits_teacher(cfg.path)
+            shipped = load_digits_teacher(cfg.path) if cfg.path else load_digits_teacher()
+            clip, tokenizer, mean, std = shipped
         elif cfg.source == "openai":
             clip = load_openai(cfg.path)
             tokenizer = ClipTokenizer(clip.text.shape.context_length)
@@ -144,7 +148,8 @@ def load_openai(path: str | Path) -> Clip:
     vision_width, text_width = patch.shape[0], state["ln_final.weight"].shape[0]
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     common = dict(output_dim=state["text_projection"].shape[1], act="quick_gelu")
-    vision = TowerShape(width=vision_width, layers=_count_layers(state, "visual.transformer.resblocks."),
+    vision = TowerShape(width=vision_width,
+                        layers=_count_layers(state, "visual.transformer.resblocks."),
                         heads=vision_width // 64, mlp_width=4 * vision_width,
                         patch_size=patch.shape[-1], image_size=patch.shape[-1] * grid, **common)
     text = TowerShape(width=text_width, layers=_count_layers(state, "transformer.resblocks."),
@@ -220,11 +225,13 @@ def open_clip_shapes(model_cfg: dict) -> tuple[TowerShape, TowerShape]:
     unsupported += _unsupported_fields(vision_cfg, CLIPVisionCfg, _OPEN_CLIP_VISION, "vision_cfg")
     unsupported += _unsupported_fields(text_cfg, CLIPTextCfg, _OPEN_CLIP_TEXT, "text_cfg")
     if text_cfg.get("pool_type", "argmax") not in ("argmax", "eos"):
-        unsupported.append(f"text_cfg.pool_type={text_cfg['pool_type']!r} (only 'argmax' and 'eos')")
+        unsupported.append(f"text_cfg.pool_type={text_cfg['pool_type']!r} "
+                           f"(only 'argmax' and 'eos')")
     if unsupported:
         raise ValueError("open_clip model config uses features tinyclip_ds teachers do not "
                          "implement: " + "; ".join(unsupported))
-    vision = CLIPVisionCfg(**{k: v for k, v in vision_cfg.items() if k not in ("image_mean", "image_std")})
+    vision = CLIPVisionCfg(**{key: value for key, value in vision_cfg.items()
+                              if key not in ("image_mean", "image_std")})
     text = CLIPTextCfg(**text_cfg)
     image_size, patch_size = _square(vision.image_size), _square(vision.patch_size)
     if image_size is None or patch_size is None:
@@ -303,7 +310,8 @@ def _from_openai_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _count_layers(state: dict[str, Tensor], prefix: str) -> int:
     """1 + the largest block index under ``prefix`` (a gap shows up as missing keys later)."""
-    indices = [int(m.group(1)) for key in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))]
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = [int(match.group(1)) for key in state if (match := pattern.match(key))]
     return 1 + max(indices, default=-1)
 
 
@@ -326,13 +334,13 @@ _HF_TOWERS = [(r"vision_model\.encoder\.layers\.(\d+)\.", "visual.transformer.")
               (r"text_model\.encoder\.layers\.(\d+)\.", "text.transformer.")]
 _HF_BLOCK = [
     (r"layer_norm(1|2)\.(weight|bias)", r"norms.{i}.ln_\1.\2"),
-    (r"self_attn\.qkv_proj\.(weight|bias)", r"blocks.{i}.attn.qkv.\1"),  # fused by _fuse_qkv
+    (r"self_attn\.qkv_proj\.(weight|bias)", r"blocks.{i}.attn.qkv.\1"),  # fused by _from_hf_names
     (r"self_attn\.out_proj\.(weight|bias)", r"blocks.{i}.attn.out.\1"),
     (r"mlp\.fc1\.(weight|bias)", r"blocks.{i}.mlp.fc.\1"),
     (r"mlp\.fc2\.(weight|bias)", r"blocks.{i}.mlp.proj.\1"),
 ]
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+_HF_ACTIVATIONS = ("quick_gelu", "gelu")  # transformers' "gelu" is the exact (erf) one
 
 
 def load_hf(directory: str | Path) -> Clip:
@@ -346,29 +354,35 @@ def load_hf(directory: str | Path) -> Clip:
 
     config = CLIPConfig.from_pretrained(directory)
     if config.model_type != "clip":
-        raise ValueError(f"{directory} holds a {config.model_type!r} model; only CLIPModel is supported")
+        raise ValueError(f"{directory} holds a {config.model_type!r} model; "
+                         f"only CLIPModel is supported")
     vision_cfg, text_cfg = config.vision_config, config.text_config
     for name, tower in (("vision_config", vision_cfg), ("text_config", text_cfg)):
         if tower.hidden_act not in _HF_ACTIVATIONS:
-            raise ValueError(f"{directory}: {name}.hidden_act={tower.hidden_act!r} is not supported "
-                             f"(only {', '.join(_HF_ACTIVATIONS)})")
+            raise ValueError(f"{directory}: {name}.hidden_act={tower.hidden_act!r} is not "
+                             f"supported (only {', '.join(_HF_ACTIVATIONS)})")
     if vision_cfg.num_channels != 3:
-        raise ValueError(f"{directory}: vision_config.num_channels={vision_cfg.num_channels}; only 3")
+        raise ValueError(f"{directory}: vision_config.num_channels="
+                         f"{vision_cfg.num_channels}; only 3 is supported")
     vision = TowerShape(width=vision_cfg.hidden_size, layers=vision_cfg.num_hidden_layers,
-                        heads=vision_cfg.num_attention_heads, mlp_width=vision_cfg.intermediate_size,
-                        output_dim=config.projection_dim, act=_HF_ACTIVATIONS[vision_cfg.hidden_act],
+                        heads=vision_cfg.num_attention_heads,
+                        mlp_width=vision_cfg.intermediate_size,
+                        output_dim=config.projection_dim, act=vision_cfg.hidden_act,
                         ln_eps=vision_cfg.layer_norm_eps, image_size=vision_cfg.image_size,
                         patch_size=vision_cfg.patch_size)
+    if not isinstance(text_cfg.eos_token_id, int):
+        raise ValueError(f"{directory}: text_config.eos_token_id={text_cfg.eos_token_id!r}; "
+                         f"a single token id is needed to pool the text")
     # transformers pools at argmax(ids) when eos_token_id == 2 (configs from before its fix),
     # otherwise at the first eos_token_id.
     eot = None if text_cfg.eos_token_id == 2 else text_cfg.eos_token_id
     text = TowerShape(width=text_cfg.hidden_size, layers=text_cfg.num_hidden_layers,
                       heads=text_cfg.num_attention_heads, mlp_width=text_cfg.intermediate_size,
-                      output_dim=config.projection_dim, act=_HF_ACTIVATIONS[text_cfg.hidden_act],
+                      output_dim=config.projection_dim, act=text_cfg.hidden_act,
                       ln_eps=text_cfg.layer_norm_eps, vocab_size=text_cfg.vocab_size,
                       context_length=text_cfg.max_position_embeddings, eot_token_id=eot)
     path = _hf_weights_file(directory)
-    state = _from_hf_names(read_state_dict(path, directory))
+    state = _from_hf_names(read_state_dict(path))
     return _build_clip(vision, text, state, str(path))
 
 
@@ -410,10 +424,9 @@ def _from_hf_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # --------------------------------------------------------------------------- shared
 
-def read_state_dict(path: str | Path, directory: Path | None = None) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a weights file: safetensors, TorchScript archive, torch.save'd dict (possibly
-    under "state_dict", "module." prefixes stripped) or an HF shard index (``directory`` holds
-    the shards)."""
+    under "state_dict", "module." prefixes stripped) or an HF shard index (shards alongside)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -448,10 +461,7 @@ def _rename(state: dict[str, Tensor], top: list[tuple[str, str]], towers: list[t
             block: list[tuple[str, str]]) -> dict[str, Tensor]:
     """Rename keys by the first matching rule: ``top`` for whole keys; ``towers`` for a block
     prefix (capturing the layer index) followed by a ``block`` rule. Unmatched keys are kept."""
-    renamed = {}
-    for key, value in state.items():
-        renamed[_rename_key(key, top, towers, block)] = value
-    return renamed
+    return {_rename_key(key, top, towers, block): value for key, value in state.items()}
 
 
 def _rename_key(key: str, top: list[tuple[str, str]], towers: list[tuple[str, str]],
@@ -467,7 +477,8 @@ def _rename_key(key: str, top: list[tuple[str, str]], towers: list[tuple[str, st
     return key
 
 
-def _build_clip(vision: TowerShape, text: TowerShape, state: dict[str, Tensor], source: str) -> Clip:
+def _build_clip(vision: TowerShape, text: TowerShape, state: dict[str, Tensor],
+                source: str) -> Clip:
     """A `Clip` of these shapes holding exactly ``state`` (fp32), or a `CheckpointMismatchError`."""
     with torch.device("meta"):  # no time spent on an initialisation that is overwritten
         clip = Clip(vision, text)
@@ -481,8 +492,9 @@ def _build_clip(vision: TowerShape, text: TowerShape, state: dict[str, Tensor], 
         problems = [f"  {title} ({len(items)}): " + _shorten(items)
                     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                          ("shape mismatches", wrong_shape)) if items]
-        raise CheckpointMismatchError(f"{source} does not match the model built for it "
-                                      f"(names as tinyclip_ds parameters):\n" + "\n".join(problems))
+        raise CheckpointMismatchError(
+            f"{source} does not match the model built for it (keys renamed to tinyclip_ds "
+            f"parameters where a rule matched):\n" + "\n".join(problems))
     clip.load_state_dict({key: value.float().contiguous() for key, value in state.items()},
                          strict=True, assign=True)
     return clip

@@ -274,7 +274,7 @@ class ContrastiveStep:
             n = features.image.shape[0]
             surrogate = sum((getattr(features, name).float() * grad[offset:offset + n]).sum()
                             for name, grad in feature_grads.items())
-            if m == 0:  # the logit scale is used once by the full-batch loss: count it once
+            if m == 0 and scale_leaf.grad is not None:  # used once by the full-batch loss: count it once
                 surrogate = surrogate + scale * scale_leaf.grad
             # Full-batch share × world undoes DeepSpeed's averaging over ranks; stage-1 terms
             # are per-sample means, averaged over the micro-batches.
