@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -136,19 +137,26 @@ def open_clip_library(config: dict) -> nn.Module:
                                 quick_gelu=config.get("quick_gelu", False)))
 
 
+@pytest.fixture
+def scratch():
+    """A folder deleted right after the test (pytest keeps tmp_path; ViT-B files are ~600 MB)."""
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory)
+
+
 # --------------------------------------------------------------------------- OpenAI + open_clip
 
 @pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "small"])
-def test_openai_and_open_clip_loaders_match_open_clip(name, tmp_path):
+def test_openai_and_open_clip_loaders_match_open_clip(name, scratch):
     if name == "small":
-        model = tmp_path / "small.json"
+        model = scratch / "small.json"
         model.write_text(json.dumps(SMALL_OPENAI))
         library = open_clip_library(SMALL_OPENAI)
     else:
         model = name
         library = perturb(open_clip.create_model(name))
     state = library.state_dict()  # open_clip's CLIP keeps OpenAI's parameter names
-    plain, archive = tmp_path / "plain.pt", tmp_path / "jit.pt"
+    plain, archive = scratch / "plain.pt", scratch / "jit.pt"
     torch.save(state, plain)
     metadata = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
                 "vocab_size": torch.tensor(49408)}
@@ -213,9 +221,9 @@ def save_hf(name: str, directory: Path, **text_changes) -> CLIPModel:
 
 
 @pytest.mark.parametrize("name", list(HF_SHAPES))
-def test_hf_loader_matches_transformers(name, tmp_path):
-    library = save_hf(name, tmp_path)
-    clip = load_hf(tmp_path).eval()
+def test_hf_loader_matches_transformers(name, scratch):
+    library = save_hf(name, scratch)
+    clip = load_hf(scratch).eval()
     text_config = library.config.text_config
     ctx, eos = text_config.max_position_embeddings, text_config.eos_token_id
     if eos == 2:  # configs from before transformers' fix: pooled at argmax(ids)

@@ -35,7 +35,7 @@ class ClipTokenizer:
 
     def __call__(self, texts: list[str]) -> Tensor:
         """Token ids (B, context_length): start token, text, end token, then zeros."""
-        return self._tokenizer(list(texts), context_length=self.context_length)
+        return self._tokenizer(as_list(texts), context_length=self.context_length)
 
 
 class HfClipTokenizer:
@@ -57,5 +57,10 @@ class HfClipTokenizer:
 
     def __call__(self, texts: list[str]) -> Tensor:
         """Token ids (B, context_length); truncation keeps the start and end tokens."""
-        return self._tokenizer(list(texts), padding="max_length", truncation=True,
+        return self._tokenizer(as_list(texts), padding="max_length", truncation=True,
                                max_length=self.context_length, return_tensors="pt")["input_ids"]
+
+
+def as_list(texts: list[str] | str) -> list[str]:
+    """A batch of texts; a lone string is a batch of one (not a sequence of characters)."""
+    return [texts] if isinstance(texts, str) else list(texts)
