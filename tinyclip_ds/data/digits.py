@@ -27,7 +27,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, safe_open
+from safetensors import safe_open
+from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 

@@ -6,7 +6,7 @@ A small `Clip` trained contrastively on the *train* split of `tinyclip_ds.data.d
 single digits with template captions and digit pairs with pair captions, mixed in every batch,
 with light geometric augmentation (never a flip: left and right matter). Everything is seeded
 and the data order is fixed, so a rerun on the same machine reproduces the file. Prints the loss
-per epoch and the held-out zero-shot accuracy and pair retrieval; about 10 minutes on 2 CPU cores.
+per epoch and the held-out zero-shot accuracy and pair retrieval; about 6 minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 CONTEXT_LENGTH = 16
 SEED = 0
-EPOCHS = 10
+EPOCHS = 12
 BATCH = 256
 SINGLE_REPEATS = 4  # each training single appears this often per epoch, each time with a random template
-LR = 1e-3
+LR = 3e-4
 WEIGHT_DECAY = 0.05
-WARMUP_STEPS = 50
+WARMUP_STEPS = 100
 MAX_LOGIT_SCALE = math.log(100.0)
 MAX_ROTATION_DEG = 8.0
 MAX_SHIFT_PX = 2.0
@@ -47,7 +47,7 @@ MAX_SHIFT_PX = 2.0
 def teacher_shapes(tokenizer: DigitsTokenizer) -> tuple[TowerShape, TowerShape]:
     """Image and text tower shapes: ~1.1M parameters (≈2.3 MB in fp16)."""
     vision = TowerShape(width=96, layers=6, heads=4, mlp_width=384, output_dim=64,
-                        image_size=IMAGE_SIZE, patch_size=4)
+                        image_size=IMAGE_SIZE, patch_size=8)
     text = TowerShape(width=96, layers=4, heads=4, mlp_width=384, output_dim=64,
                       vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length,
                       eot_token_id=tokenizer.eot_token_id)
