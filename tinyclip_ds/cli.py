@@ -66,6 +66,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(recipe, resume=args.resume)
 
 
+def cmd_convert_ckpt(args: argparse.Namespace) -> int:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (what --resume does by itself
+    when the number of ranks changes); the result is cached in CHECKPOINT/universal."""
+    from tinyclip_ds.train import checkpoint
+
+    path = checkpoint.find_checkpoint(args.checkpoint)
+    if path is None:
+        raise RecipeError(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
+    print(f"universal checkpoint: {checkpoint.convert_to_universal(path, workers=args.workers)}")
+    return 0
+
+
+def cmd_export_weights(args: argparse.Namespace) -> int:
+    """Write a run's student towers as plain fp32 safetensors (keys image.* / text.*, the
+    recipe in the metadata), consolidated from the checkpoint's ZeRO shards."""
+    from tinyclip_ds.export import export_weights
+
+    print(f"student weights: {export_weights(args.run, args.checkpoint, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyclip-ds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None,
                        help="set by DeepSpeed's launcher; the rank is read from the environment")
     train.set_defaults(func=cmd_train)
+
+    convert = sub.add_parser("convert-ckpt", help=cmd_convert_ckpt.__doc__,
+                             description=cmd_convert_ckpt.__doc__)
+    convert.add_argument("checkpoint",
+                         help="a checkpoint directory, or a run directory (its newest complete checkpoint)")
+    convert.add_argument("--workers", type=int, default=4, help="parallel conversion processes")
+    convert.set_defaults(func=cmd_convert_ckpt)
+
+    export = sub.add_parser("export-weights", help=cmd_export_weights.__doc__,
+                            description=cmd_export_weights.__doc__)
+    export.add_argument("run", help="run directory")
+    export.add_argument("--checkpoint", default="auto", metavar="TAG|PATH",
+                        help="which checkpoint: a tag (step_00000100), a path, or auto = the newest complete one")
+    export.add_argument("--out", default=None, help="output file (default: RUN/student_<tag>.safetensors)")
+    export.set_defaults(func=cmd_export_weights)
     return parser
 
 

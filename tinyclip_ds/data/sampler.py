@@ -12,6 +12,7 @@ each with the same augmentation (its sample seed depends on ``(seed, epoch, inde
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -93,8 +94,16 @@ class GlobalBatchSampler:
             position += 1
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """Data-loader workers ignore SIGTERM/SIGINT: schedulers signal every process of a job, and
+    the training process must outlive its workers to save a checkpoint (it ends them itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_loader(dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
     """An endless loader of collated micro-batches in ``sampler``'s order. Worker seeding does
     not matter: each sample's randomness comes from its sample seed."""
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_preemption_signals)

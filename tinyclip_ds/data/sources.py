@@ -70,12 +70,14 @@ class PairSource(ImageSource):
 
 def image_source(specs: str | Sequence[str], key: str = "data.images") -> ImageSource:
     """Images of one spec or of several concatenated: an image folder (every file below it,
-    recursively, in sorted path order) or ``demo:digits`` (the train-split single digits)."""
+    recursively, in sorted path order), ``demo:digits`` (the train-split single digits) or
+    ``demo:digit_pairs`` (the train digit-pair images, without their captions)."""
     source = ImageSource()
     for spec, spec_key in _each_spec(specs, key):
         if _is_demo(spec):
-            digits = _demo(spec, spec_key, {"demo:digits"})
-            entries: list[ImageEntry] = [image for image, _ in digits.digit_images("train")]
+            digits = _demo(spec, spec_key, {"demo:digits", "demo:digit_pairs"})
+            demo = digits.digit_images("train") if spec == "demo:digits" else digits.digit_pairs("train")
+            entries: list[ImageEntry] = [image for image, _ in demo]
         else:
             path = _existing_path(spec, spec_key, _IMAGE_SPECS)
             if not path.is_dir():

@@ -1,8 +1,10 @@
 """Evaluation during training: retrieval and zero-shot, computed once on gathered embeddings.
 
-Each rank embeds a strided shard of every evaluation set; `gather_by_index` puts all rows back
-in sample order on every rank; metrics are computed once on the full set. The numbers are
-therefore the same for any world size and any ``eval.batch_size``.
+Each rank embeds its share of every evaluation set; `gather_by_index` puts all rows back in
+sample order on every rank; metrics are computed once on the full set, never averaged over
+batches or ranks (the research notes' bug). The numbers are bit-identical for any world size;
+across different ``eval.batch_size`` values they differ only as much as the model's own
+forward pass does between batch shapes (last-bit BLAS differences, ~1e-7 in fp32).
 
 A *side* is what one tower contributes: the image side embeds the retrieval images and the
 zero-shot images, the text side the retrieval captions and the zero-shot class prompts. In
@@ -24,7 +26,7 @@ from tinyclip_ds.config import RecipeError, option
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs
 from tinyclip_ds.data.transforms import eval_transform
-from tinyclip_ds.eval.gather import gather_by_index, shard_indices
+from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
 
 Encoder = Callable[[Tensor], Tensor]
@@ -133,24 +135,30 @@ class Evaluator:
         return self._encode_sharded(len(source), load, encode)
 
     def _encode_sharded(self, total: int, load: Callable[[list[int]], Tensor], encode: Encoder) -> Tensor:
-        """Embed this rank's shard batch by batch, then gather the full set in sample order."""
+        """Embed the set in chunks of ``eval.batch_size`` samples dealt out to the ranks in turn,
+        then gather the full set in sample order on every rank.
+
+        Every forward pass has exactly ``batch_size`` samples (the last chunk is padded with
+        copies of its first sample), so a chunk's embeddings are bit-identical whichever rank
+        computes it and however many ranks there are: BLAS kernels can change with the number of
+        rows, and with it the last bit of the result. Every rank runs the same number of forward
+        passes (a rank without a chunk left embeds padding) because ZeRO-3 gathers parameters
+        collectively inside forward.
+        """
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        mine = list(shard_indices(total, rank, world))
-        batch = self.cfg.batch_size
-        # Every rank runs the same number of forward passes: ZeRO-3 gathers parameters
-        # collectively inside forward, so a rank with a shorter shard repeats a dummy batch.
-        batches = torch.tensor(math.ceil(len(mine) / batch))
-        if world > 1:
-            batches = batches.to(self.device)
-            dist.all_reduce(batches, op=dist.ReduceOp.MAX)
-        outputs = []
-        for b in range(int(batches)):
-            indices = mine[b * batch:(b + 1) * batch]
-            embedding = encode(load(indices or [0]).to(self.device)).float()
-            outputs.append(torch.nn.functional.normalize(embedding, dim=-1).cpu()[:len(indices)])
-        local = torch.cat(outputs)
-        return gather_by_index(local, torch.tensor(mine, dtype=torch.long), total)
+        size = self.cfg.batch_size
+        chunks = [list(range(start, min(start + size, total))) for start in range(0, total, size)]
+        mine = chunks[rank::world]
+        outputs, indices = [], []
+        for turn in range(math.ceil(len(chunks) / world)):
+            chunk = mine[turn] if turn < len(mine) else []
+            batch = load(chunk or [0])
+            batch = torch.cat([batch, batch[:1].expand(size - len(batch), *batch.shape[1:])])
+            embedding = encode(batch.to(self.device)).float()[:len(chunk)]
+            outputs.append(torch.nn.functional.normalize(embedding, dim=-1).cpu())
+            indices += chunk
+        return gather_by_index(torch.cat(outputs), torch.tensor(indices, dtype=torch.long), total)
 
 
 def resolve_templates(spec: str, own: list[str] | None) -> list[str]:

@@ -85,8 +85,12 @@ class Request:
 
 
 @dataclass
-class TowerOutput:
-    """What a tower returns. Per-layer dicts are keyed by effective layer index."""
+class TowerOutput(dict):
+    """What a tower returns. Per-layer dicts are keyed by effective layer index.
+
+    Also a dict of its fields, kept in sync with the attributes: DeepSpeed ZeRO-3 looks for a
+    module's output tensors only in tensors, tuples, lists and dicts, and without finding them
+    it does not gather the tower's own parameters (projection, embeddings) for the backward."""
 
     embedding: Tensor  # (B, E) pooled and projected
     token_mask: Tensor  # (B, N) bool: True for real tokens (text: up to and including EOT)
@@ -97,6 +101,12 @@ class TowerOutput:
     attn_scores: dict[int, Tensor] = field(default_factory=dict)  # (B, H, N, N), unmasked
     attn_probs: dict[int, Tensor] = field(default_factory=dict)  # (B, H, N, N)
     qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # 3 × (B, H, N, Dh)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        dict.__setitem__(self, name, value)
+
+    __setitem__ = __setattr__
 
 
 class QuickGELU(nn.Module):

@@ -1,17 +1,26 @@
-"""DeepSpeed checkpoints with client state, completion markers and retention.
+"""DeepSpeed checkpoints with client state, completion markers, retention, and resuming on
+another number of ranks (or another ZeRO stage) through DeepSpeed's universal format.
 
-Layout: ``<run_dir>/checkpoints/step_00000100/`` is one DeepSpeed tag. Every rank writes its
-shards (and its ``rank_XXXXX.pt`` with the rank's RNG states); after a barrier rank 0 writes
-``COMPLETE`` last. Only a checkpoint with that marker counts: a run killed mid-save leaves a
-directory without it, which ``--resume auto`` ignores and retention cleans up later.
+Layout: ``<run_dir>/checkpoints/step_00000100/`` is one DeepSpeed tag. A save is written to a
+hidden ``.step_00000100.saving/``: every rank writes its shards (and its ``rank_XXXXX.pt`` with
+the rank's RNG states) and flushes them to disk; after a barrier rank 0 writes the ``COMPLETE``
+marker and renames the directory into place. A run killed mid-save therefore leaves only a
+hidden directory, which ``--resume auto`` never sees and the next save cleans up; the marker
+is still required of every ``step_*`` directory (one copied by hand, or torn by older code).
+
+Resuming on another world size or ZeRO stage (`plan_resume`) converts the checkpoint once with
+DeepSpeed's ``ds_to_universal`` into ``step_.../universal/`` (renamed into place only when the
+conversion finished) and loads that with ``"checkpoint": {"load_universal": true}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinyclip_ds.config import option
+from tinyclip_ds.config import RecipeError, option
 
 MARKER = "COMPLETE"
+UNIVERSAL = "universal"  # the cached universal conversion, a subdirectory of the checkpoint
+UNIVERSAL_STAGING = ".universal_staging"
+KILL_DURING_SAVE = "TINYCLIP_DS_TEST_KILL_DURING_SAVE"
+"""Test-only fault injection: ``RANK:STEP`` makes that rank SIGKILL itself while saving the
+checkpoint of that step, after writing its shards and before the completion barrier (used by
+tests/test_checkpoint_faults.py to tear a checkpoint the way a dying node does)."""
 
 
 @dataclass
@@ -51,7 +66,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def marker_info(path: Path) -> dict:
-    """What the completion marker recorded: step, world size, ZeRO stage."""
+    """What the completion marker recorded: step, world size, ZeRO stage, global batch."""
     return json.loads((Path(path) / MARKER).read_text())
 
 
@@ -69,44 +84,106 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_to_disk(directory: Path) -> None:
+    """fsync every file of ``directory`` and the directory itself, so that a marker written
+    afterwards can never reach the disk before the data it vouches for (power loss, node crash)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            _fsync(path)
+    _fsync(directory)
+
+
+def _write_marker(directory: Path, info: dict) -> None:
+    tmp = directory / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, directory / MARKER)
+    _fsync(directory / MARKER)
+    _fsync(directory)
+
+
+def _die_if_requested(rank: int, step: int) -> None:
+    """The `KILL_DURING_SAVE` test hook."""
+    wanted = os.environ.get(KILL_DURING_SAVE, "")
+    if wanted and wanted == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written until it is complete."""
+    return checkpoint_dir(run_dir) / f".{tag_for(step)}.saving"
+
+
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Save a checkpoint on every rank; it becomes visible (complete) only when all ranks are done."""
+    """Save a checkpoint on every rank; it appears under its name only when all ranks are done."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     root = checkpoint_dir(run_dir)
-    tag = tag_for(step)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    staging = staging_dir(run_dir, step)
+    rank, world = _rank_and_world()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # torn by an earlier attempt: no stale shards
+    _barrier()
     # UNIVERSAL_CHECKPOINT_INFO lets ds_to_universal convert it for another world size later.
     state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
-    torch.save({"rng": rng_state()}, root / tag / f"rank_{rank:05d}.pt")
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=state, save_latest=False)
+    torch.save({"rng": rng_state()}, staging / f"rank_{rank:05d}.pt")
+    _flush_to_disk(staging)
+    _die_if_requested(rank, step)
     _barrier()
     if rank == 0:
-        info = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage()}
-        tmp = root / tag / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, root / tag / MARKER)
+        _write_marker(staging, {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                                "precision": engine_precision(engine), "global_batch": engine.train_batch_size()})
+        _publish(staging, root / tag_for(step))
         apply_retention(run_dir, keep_last)
     _barrier()
-    return root / tag
+    return root / tag_for(step)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename a complete checkpoint into place. One already there for the same step (the one
+    resumed from, or one of a timeline abandoned by resuming from an older checkpoint) is
+    replaced only now that the new one is complete."""
+    replaced = final.with_name(f".{final.name}.replaced")
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def apply_retention(run_dir: Path, keep_last: int) -> None:
-    """Delete complete checkpoints beyond the newest ``keep_last`` and incomplete ones older
-    than the newest complete one. Never deletes the newest complete checkpoint."""
+    """Delete complete checkpoints beyond the newest ``keep_last``, incomplete ones older than
+    the newest complete one, and the hidden leftovers of torn saves. Never deletes the newest
+    complete checkpoint, nor anything when there is no complete checkpoint. Only called while
+    no save is in progress (by `save`, after the barrier)."""
+    root = checkpoint_dir(run_dir)
     complete = complete_checkpoints(run_dir)
     if not complete:
         return
     newest = complete[-1]
     doomed = complete[:-keep_last] if keep_last > 0 else []
-    doomed += [p for p in checkpoint_dir(run_dir).glob("step_*")
-               if p.is_dir() and not is_complete(p) and p.name < newest.name]
+    doomed += [p for p in root.glob("step_*") if p.is_dir() and not is_complete(p) and p.name < newest.name]
+    doomed += [p for p in root.glob(".step_*") if p.is_dir()]
     for path in doomed:
         if path != newest:
             shutil.rmtree(path, ignore_errors=True)
@@ -124,26 +201,127 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     for path in candidates:
         if path.is_dir():
             if not is_complete(path):
-                raise ValueError(f"checkpoint {path} is incomplete (no {MARKER} marker: the run "
-                                 f"stopped while saving it); use --resume auto for the newest complete one")
+                raise RecipeError(f"checkpoint {path} is incomplete (no {MARKER} marker: the run stopped "
+                                  f"while saving it); use 'auto' for the newest complete one")
             return path
-    raise ValueError(f"--resume {resume}: no checkpoint directory at {candidates[0]} or {candidates[1]}")
+    raise RecipeError(f"checkpoint '{resume}': no checkpoint directory at {candidates[0]} or {candidates[1]}")
+
+
+def engine_precision(engine) -> str:
+    """'bf16', 'fp16' or 'fp32': the precision a DeepSpeed engine trains in."""
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+
+
+def plan_resume(path: Path, world: int, zero_stage: int, precision: str, global_batch: int) -> bool:
+    """Whether resuming from ``path`` on ``world`` ranks with ``zero_stage`` and ``precision``
+    needs the universal format (True) or loads the checkpoint as saved (False); a RecipeError
+    for what cannot work (checked against DeepSpeed 0.19.8):
+
+    - ZeRO-0 state is not sharded (every rank holds all of it): it loads directly on any world size;
+    - ZeRO-0 <-> ZeRO-1/2/3: ``ds_to_universal`` needs ZeRO optimizer shards, and a ZeRO-0
+      engine cannot load the universal format;
+    - ZeRO-1/2 <-> ZeRO-3: the universal loaders of ZeRO-1/2 and ZeRO-3 read different file
+      layouts, so each only reads conversions of its own kind;
+    - another global batch would change which samples each step sees.
+    """
+    info = marker_info(path)
+    saved_world, saved_stage = info["world_size"], info["zero_stage"]
+    saved_precision = info.get("precision", precision)
+    saved_batch = info.get("global_batch", global_batch)
+    if saved_batch != global_batch:
+        raise RecipeError(
+            f"{path} was saved with a global batch of {saved_batch} samples per step, this launch "
+            f"has {global_batch}; resuming with another global batch would change which samples "
+            f"each step sees (some repeated, some skipped). Set --set train.global_batch={saved_batch} "
+            f"--set train.accumulation=0 so the accumulation adapts to the number of ranks")
+    family = {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+    if family[saved_stage] != family[zero_stage]:
+        raise RecipeError(
+            f"{path} was saved with ZeRO stage {saved_stage}, this launch uses stage {zero_stage}; "
+            f"DeepSpeed cannot move a checkpoint from {family[saved_stage]} to {family[zero_stage]}. "
+            f"Resume with a {family[saved_stage]} DeepSpeed config (--set ds_config=...; any number "
+            f"of ranks works), or start a new run initialised from its weights")
+    if saved_stage == 0:
+        return False
+    return (saved_world, saved_stage, saved_precision) != (world, zero_stage, precision)
+
+
+def universal_path(path: Path) -> Path:
+    return Path(path) / UNIVERSAL
+
+
+def convert_to_universal(path: Path, workers: int = 1) -> Path:
+    """Convert the ZeRO checkpoint ``path`` to DeepSpeed's universal format, once: the result
+    is cached in ``path/universal`` (moved there only when the conversion finished)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    path = Path(path)
+    target = universal_path(path)
+    if target.is_dir():
+        return target
+    if marker_info(path)["zero_stage"] == 0:
+        raise RecipeError(f"{path} is a ZeRO-0 checkpoint: it is not sharded and loads directly on any "
+                          f"number of ranks, and DeepSpeed's universal format needs ZeRO optimizer shards")
+    staging = path / UNIVERSAL_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    # ds_to_universal also writes a 'latest_universal' file beside its output: keep it in staging.
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(staging / UNIVERSAL),
+                              num_extract_workers=workers, num_merge_workers=workers,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    ds_to_universal(args)
+    os.replace(staging / UNIVERSAL, target)
+    shutil.rmtree(staging)
+    return target
+
+
+def prepare_resume(path: Path, universal: bool) -> None:
+    """Collective: rank 0 converts ``path`` to the universal format when needed; all wait."""
+    rank, _ = _rank_and_world()
+    if universal and rank == 0:
+        convert_to_universal(path)
+    _barrier()
 
 
 def load(engine, path: Path) -> dict:
-    """Load a complete checkpoint into ``engine``; returns its client state. The saving rank's
-    RNG states are restored when the world size is unchanged (otherwise ranks differ anyway)."""
+    """Load a complete checkpoint into ``engine``; returns its client state.
+
+    An engine configured with ``load_universal`` reads the checkpoint's universal conversion
+    (see `prepare_resume`). The saving rank's RNG states are restored when the world size is
+    unchanged (otherwise there is no saving rank to match; the training randomness of this
+    codebase comes from per-sample seeds, so only student dropout would differ)."""
     path = Path(path)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+    if engine.load_universal_checkpoint():
+        load_dir, tag = path, UNIVERSAL
+    else:
+        load_dir, tag = path.parent, path.name
+    _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if client_state is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine, universal_path(path))
+    rank, world = _rank_and_world()
     rank_file = path / f"rank_{rank:05d}.pt"
-    world = dist.get_world_size() if dist.is_initialized() else 1
     if rank_file.is_file() and marker_info(path)["world_size"] == world:
         set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
     return client_state
+
+
+def _repair_zero3_universal_load(engine, universal: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal loader: it copies the first
+    parameter group's hyperparameters (weight decay included) to every group, and it gives
+    every group the *same* ``step`` tensor, which torch's AdamW then increments once per group."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False,
+                       mmap=True)
+    optimizer = engine.optimizer.optimizer
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{universal}: {len(saved['param_groups'])} optimizer parameter groups saved, "
+                         f"the optimizer has {len(optimizer.param_groups)}")
+    for group, values in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({key: value for key, value in values.items() if key != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

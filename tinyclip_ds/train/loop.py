@@ -6,9 +6,12 @@ micro-batches of one optimizer step) and ``evaluate``; everything around them li
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -95,6 +98,43 @@ def rank_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+class SampleLog:
+    """Opt-in record (``train.log_samples``) of which samples every optimizer step used.
+
+    The stage passes its batches through `track`; after each step `flush` gathers the
+    indices drawn on every rank, and rank 0 appends ``{"step", "samples"}`` to
+    ``<run_dir>/samples.jsonl`` in the sampler's global order (micro-step m of rank r is slice
+    m·world + r), so runs on different numbers of ranks can be compared line by line."""
+
+    def __init__(self, path: Path, enabled: bool, rank: int, world: int):
+        self.path = path
+        self.enabled = enabled
+        self.rank = rank
+        self.world = world
+        self.pending: list[list[int]] = []  # this rank's micro-batches of the current step
+
+    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """``batches`` as they are, remembering each one's sample indices when enabled."""
+        for batch in batches:
+            if self.enabled:
+                self.pending.append(batch["index"].tolist())
+            yield batch
+
+    def flush(self, step: int) -> None:
+        """Collective: write the samples of ``step`` (every rank must call it)."""
+        if not self.enabled:
+            return
+        gathered = [self.pending]
+        if dist.is_initialized() and self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, self.pending)
+        self.pending = []
+        if self.rank == 0:
+            samples = [index for micro in zip(*gathered) for rank_batch in micro for index in rank_batch]
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+
+
 class Preemption:
     """Remembers SIGTERM/SIGINT (how schedulers pre-empt jobs) so the loop can save and exit."""
 
@@ -139,6 +179,7 @@ class Trainer:
                         f"the data, or use fp32/bf16. Progress is saved: fix the cause, then --resume auto")
                     return 1
                 state.step += 1
+                run.samples.flush(state.step)
                 self._accumulate(window, result)
                 if state.step % recipe.train.log_every == 0 or state.step == recipe.train.steps:
                     self._log(window)

@@ -33,6 +33,8 @@ class TrainConfig:
     eps: float = option(1e-6, "AdamW ε")
     freeze: Literal["none", "image", "text"] = option("none", "stage 2: keep one student tower frozen")
     log_every: int = option(10, "print and log training scalars every this many steps")
+    log_samples: bool = option(False, "append the sample indices of every optimizer step to "
+                                      "<run_dir>/samples.jsonl (to check resumed runs)")
     max_nonfinite: int = option(20, "stop (with a checkpoint) after this many non-finite losses in a row")
 
 

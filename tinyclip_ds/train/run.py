@@ -17,7 +17,8 @@ from tinyclip_ds.eval.evaluator import Evaluator
 from tinyclip_ds.models.teachers import Teacher, load_teacher
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.deepspeed_config import build_ds_config
+from tinyclip_ds.train.deepspeed_config import build_ds_config, precision
+from tinyclip_ds.train.loop import SampleLog
 from tinyclip_ds.train.monitor import Monitor
 
 
@@ -35,6 +36,7 @@ class Run:
     teacher: Teacher
     evaluator: Evaluator
     resume_from: Path | None
+    samples: SampleLog  # stages pass their batches through samples.track
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -68,21 +70,40 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
         raise RecipeError(f"{run_dir} already holds checkpoints (newest: {newest.name}); pass "
                           f"--resume auto to continue that run, or --set run_dir=<new dir> "
                           f"(or name=<new name>) to start a new one")
+    universal = False
+    if resume_from:
+        # Decided before deepspeed.initialize: the engine reads load_universal from its config.
+        universal = checkpoint.plan_resume(resume_from, world, zero_stage(ds_config), precision(ds_config),
+                                           ds_config["train_batch_size"])
+        ds_config.setdefault("checkpoint", {})["load_universal"] = universal
     monitor = Monitor(run_dir, enabled=rank == 0)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     monitor.print(f"run directory: {run_dir.resolve()}  ({recipe.stage}, {world} rank(s), {device})")
-    if resume is not None:
-        monitor.print(f"resuming from {resume_from}" if resume_from else
-                      f"--resume {resume}: no complete checkpoint in {run_dir}; starting fresh")
+    if resume_from:
+        saved = checkpoint.marker_info(resume_from)
+        how = (f"converted once to DeepSpeed's universal format in {checkpoint.universal_path(resume_from)}"
+               if universal else "loaded as saved")
+        monitor.print(f"resuming from {resume_from} (saved by {saved['world_size']} rank(s) with "
+                      f"ZeRO-{saved['zero_stage']}; {how})")
+        checkpoint.prepare_resume(resume_from, universal)
+    elif resume is not None:
+        monitor.print(f"--resume {resume}: no complete checkpoint in {run_dir}; starting fresh")
 
     torch.manual_seed(recipe.seed)
     teacher = load_teacher(recipe.teacher).to(device)
     evaluator = Evaluator(recipe.eval, recipe.data, teacher.image_size, teacher.image_mean,
                           teacher.image_std, teacher.tokenizer, device)
-    return Run(recipe, rank, world, device, run_dir, ds_config, monitor, teacher, evaluator, resume_from)
+    samples = SampleLog(run_dir / "samples.jsonl", recipe.train.log_samples, rank, world)
+    return Run(recipe, rank, world, device, run_dir, ds_config, monitor, teacher, evaluator, resume_from,
+               samples)
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a resolved DeepSpeed config asks for (0 when it has no ZeRO block)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def train(recipe: Recipe, resume: str | None = None) -> int:

@@ -72,7 +72,7 @@ def train_stage1(run) -> int:
     micro, accumulation, global_batch = batch_sizes(recipe.train, run.world)
     sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, recipe.seed,
                                  start_position=math.ceil(state.samples_consumed / (micro * run.world)))
-    batches = iter(train_loader(dataset, sampler, recipe.data.num_workers))
+    batches = run.samples.track(train_loader(dataset, sampler, recipe.data.num_workers))
     monitor.print(f"{len(dataset)} training {'images' if kind == 'image' else 'captions'}, "
                   f"global batch {global_batch} = micro {micro} × accumulation {accumulation} × {run.world} rank(s)")
 
