@@ -81,3 +81,17 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     # 41 files, one unreadable, one global batch per epoch: skipped once per step
     assert skipped == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(losses_of(run_dir)))
+
+
+def test_nonfinite_losses_are_dropped_then_stop_the_run_with_a_checkpoint(tmp_path):
+    """An absurd learning rate makes the weights overflow after the first step: every later loss
+    is non-finite; each is dropped and counted, and train.max_nonfinite in a row stop the run
+    with a checkpoint and a message that says what to do."""
+    run_dir = tmp_path / "run"
+    result = launch("stage1_text", *FAST, "--set", f"run_dir={run_dir}", "--set", "train.steps=20",
+                    "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.max_nonfinite=3",
+                    "--set", "eval.every=0", "--set", "checkpoint.every=0", check=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("non-finite loss, micro-batch dropped") == 3
+    assert "stopping: 3 non-finite losses in a row" in result.stdout and "--resume auto" in result.stdout
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000001"]

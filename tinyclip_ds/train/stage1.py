@@ -23,7 +23,7 @@ from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import TowerOutput
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.deepspeed_config import batch_sizes
-from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, report
+from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, evaluation
 
 
 class Stage1Student(nn.Module):
@@ -112,26 +112,8 @@ def train_stage1(run) -> int:
             result.samples += len(inputs)
         return result
 
-    evaluator = run.evaluator
-    teacher_sides = {}
-
-    def evaluate(step: int) -> None:
-        if not evaluator.enabled:
-            return
-        if not teacher_sides:  # the teacher is frozen: embed the validation sets once
-            teacher_sides["image"] = evaluator.image_side(lambda x: teacher_clip.visual(x).embedding)
-            teacher_sides["text"] = evaluator.text_side(lambda ids: teacher_clip.text(ids).embedding)
-        engine.module.eval()
-        if kind == "image":
-            student_side = evaluator.image_side(engine.module.encode)
-            sides = (student_side, teacher_sides["text"])
-        else:
-            student_side = evaluator.text_side(lambda ids: engine.module.encode(student.fit_context(ids)))
-            sides = (teacher_sides["image"], student_side)
-        engine.module.train()
-        report(run, step, evaluator.metrics(*sides),
-               evaluator.metrics(teacher_sides["image"], teacher_sides["text"]),
-               evaluator.similarity_sample(*sides),
-               evaluator.similarity_sample(teacher_sides["image"], teacher_sides["text"]))
-
+    if kind == "image":
+        evaluate = evaluation(run, engine, image=engine.module.encode)
+    else:
+        evaluate = evaluation(run, engine, text=lambda ids: engine.module.encode(student.fit_context(ids)))
     return Trainer(run, engine, state).fit(one_step, evaluate)

@@ -21,7 +21,7 @@ from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.contrastive import Features, backward_scale, gather_with_grad, local_rows
 from tinyclip_ds.train.deepspeed_config import batch_sizes
-from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, report
+from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, evaluation
 
 
 class LogitScale(nn.Module):
@@ -166,25 +166,9 @@ def train_stage2(run) -> int:
         state.nonfinite_in_a_row = 0
         return result
 
-    evaluator = run.evaluator
-    teacher_sides = {}
-
-    def evaluate(step: int) -> None:
-        if not evaluator.enabled:
-            return
-        if not teacher_sides:
-            teacher_sides["image"] = evaluator.image_side(lambda x: teacher.clip.visual(x).embedding)
-            teacher_sides["text"] = evaluator.text_side(lambda ids: teacher.clip.text(ids).embedding)
-        model = engine.module
-        model.eval()
-        sides = (evaluator.image_side(lambda x: model.image(x).embedding),
-                 evaluator.text_side(lambda ids: model.text(model.text.fit_context(ids)).embedding))
-        model.train()
-        report(run, step, evaluator.metrics(*sides),
-               evaluator.metrics(teacher_sides["image"], teacher_sides["text"]),
-               evaluator.similarity_sample(*sides),
-               evaluator.similarity_sample(teacher_sides["image"], teacher_sides["text"]))
-
+    model = engine.module
+    evaluate = evaluation(run, engine, image=lambda x: model.image(x).embedding,
+                          text=lambda ids: model.text(model.text.fit_context(ids)).embedding)
     return Trainer(run, engine, state).fit(one_step, evaluate)
 
 
