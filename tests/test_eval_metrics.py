@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from tinyclip_ds.eval import metrics
-from tinyclip_ds.eval.gather import gather_by_index, shard_indices
+from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
 
 
@@ -205,16 +205,6 @@ def test_class_embeddings_is_the_normalised_mean_of_normalised_prompts(batch_siz
 # ---------------------------------------------------------------------------------------------
 # Gathering
 
-def test_shard_indices_cover_every_sample_once() -> None:
-    for n in (0, 1, 7, 8, 37):
-        for world in (1, 2, 3, 8):
-            shards = [list(shard_indices(n, r, world)) for r in range(world)]
-            assert sorted(i for s in shards for i in s) == list(range(n))
-            assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    with pytest.raises(ValueError, match="rank"):
-        shard_indices(5, 2, 2)
-
-
 def test_gather_single_process_orders_dedups_and_reports_missing() -> None:
     rows = torch.arange(12.0).view(6, 2)
     got = gather_by_index(rows, torch.tensor([4, 0, 2, 1, 3, 0]), total=5)
@@ -272,7 +262,7 @@ def evaluate(images: Tensor, texts: Tensor, n_images: int) -> dict[str, float]:
 def shard(n: int, rank: int, world: int, padded: bool) -> list[int]:
     if padded:  # a shuffling sampler that pads the shards to equal length with repeats
         return list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3))
-    return list(shard_indices(n, rank, world))
+    return list(range(rank, n, world))  # strided, unpadded
 
 
 CASES = [(40, False), (37, False), (37, True)]  # (images, padded sampler)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from tinyclip_ds.data.digits import (DIGIT_NAMES, IMAGE_SIZE, SINGLE_TEMPLATES, TEACHER_PATH,
                                      DigitsTokenizer, digit_images, digit_pairs, pair_caption)
+from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
 from tinyclip_ds.models.transformer import Clip, TowerShape
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -99,21 +100,17 @@ def multi_positive_clip_loss(image: Tensor, text: Tensor, keys: Tensor, logit_sc
 
 @torch.no_grad()
 def zero_shot_accuracy(clip: Clip, tokenizer: DigitsTokenizer, images: Tensor, labels: Tensor) -> float:
-    """Accuracy of argmax over class embeddings (mean of normalised template embeddings)."""
-    prompts = tokenizer([template.format(name) for name in DIGIT_NAMES for template in SINGLE_TEMPLATES])
-    classes = clip.encode_text(prompts, normalize=True).view(len(DIGIT_NAMES), len(SINGLE_TEMPLATES), -1)
-    classes = F.normalize(classes.mean(dim=1), dim=-1)
-    predicted = (clip.encode_image(images, normalize=True) @ classes.T).argmax(dim=1)
-    return (predicted == labels).float().mean().item()
+    """Held-out zero-shot accuracy with the template ensemble (the project's own metric)."""
+    classes = class_embeddings(clip.encode_text, tokenizer, DIGIT_NAMES, SINGLE_TEMPLATES, batch_size=256)
+    return zeroshot_accuracy(clip.encode_image(images), labels, classes)["zeroshot_top1"]
 
 
 @torch.no_grad()
 def pair_retrieval(clip: Clip, tokenizer: DigitsTokenizer, images: Tensor, captions: list[str]) -> tuple[float, float]:
     """(text→image R@1, image→text R@1) of a set with one caption per image."""
-    similarity = clip.encode_image(images, normalize=True) @ clip.encode_text(tokenizer(captions), normalize=True).T
-    truth = torch.arange(len(captions))
-    return ((similarity.argmax(dim=0) == truth).float().mean().item(),
-            (similarity.argmax(dim=1) == truth).float().mean().item())
+    metrics = retrieval_metrics(clip.encode_image(images), clip.encode_text(tokenizer(captions)),
+                                torch.arange(len(captions)))
+    return metrics["t2i_R@1"], metrics["i2t_R@1"]
 
 
 def train(out: Path) -> None:

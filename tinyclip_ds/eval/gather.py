@@ -1,8 +1,8 @@
 """Sharding an evaluation set over ranks and gathering the results back in sample order.
 
-Each rank embeds a strided shard and tags every row with its sample index; gather_by_index
-gives every rank the full set in sample order, so metrics are computed once on exactly the
-same tensor whatever the world size and batch size.
+Each rank embeds its share of an evaluation set and tags every row with its sample index;
+gather_by_index gives every rank the full set in sample order, so metrics are computed once on
+exactly the same tensor whatever the world size and batch size.
 """
 
 from __future__ import annotations
@@ -12,18 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def shard_indices(n: int, rank: int, world: int) -> range:
-    """The samples of an n-sample evaluation set that `rank` embeds: rank, rank + world, ….
-
-    Strided without padding, so the shards are disjoint and cover every sample once; they
-    differ in length by at most one.
-    """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 ≤ rank < world, got rank={rank}, world={world}")
-    return range(rank, n, world)
-
-
-def _all_gather_uneven(local: Tensor) -> list[Tensor]:
+def all_gather_uneven(local: Tensor) -> list[Tensor]:
     """all_gather for tensors whose first dimension differs between ranks (gather sizes, pad, unpad)."""
     world = dist.get_world_size()
     size = torch.tensor([local.shape[0]], device=local.device)
@@ -52,8 +41,8 @@ def gather_by_index(local: Tensor, indices: Tensor, total: int) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu"))
-        rows = torch.cat(_all_gather_uneven(local.detach().to(device))).to(local.device)
-        indices = torch.cat(_all_gather_uneven(indices.to(device))).to(local.device)
+        rows = torch.cat(all_gather_uneven(local.detach().to(device))).to(local.device)
+        indices = torch.cat(all_gather_uneven(indices.to(device))).to(local.device)
     else:
         rows, indices = local.detach(), indices.to(local.device)
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tinyclip_ds.eval.gather import all_gather_uneven
+
 
 @dataclass
 class Features:
@@ -60,17 +62,10 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor) -> Tensor:
-        world = dist.get_world_size()
-        sizes = torch.tensor([local.shape[0]], device=local.device)
-        all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-        dist.all_gather(all_sizes, sizes)
-        ctx.sizes = [int(s.item()) for s in all_sizes]
+        parts = all_gather_uneven(local)
+        ctx.sizes = [len(part) for part in parts]
         ctx.rank = dist.get_rank()
-        longest = max(ctx.sizes)
-        padded = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:size] for part, size in zip(parts, ctx.sizes)])
+        return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
