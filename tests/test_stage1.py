@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import launch, read_metrics, read_tensorboard
 from tinyclip_ds.train.checkpoint import complete_checkpoints

@@ -120,5 +120,8 @@ def validate(recipe: Recipe) -> None:
                               f"towers: they are stage2 terms, not {recipe.stage} terms")
         if recipe.stage == "stage1_text" and weights["vit_kd"]:
             raise RecipeError("'loss.vit_kd' applies to the image tower only; use it in a stage1_image recipe")
+    if weights["rep_relation"] and train.micro_batch < 2:
+        raise RecipeError("'loss.rep_relation' compares the samples of a micro-batch with each other: "
+                          "'train.micro_batch' must be at least 2")
     if not any(weights.values()):
         raise RecipeError("no loss term is switched on: give at least one 'loss.<term>' a weight > 0")

@@ -60,9 +60,9 @@ def build_engine(module: nn.Module, ds_config: dict, recipe):
     return engine
 
 
-def agree(finite: bool, skipped: int, device: torch.device) -> tuple[bool, int]:
-    """(loss finite on every rank, unreadable samples summed over ranks) in one all-reduce."""
-    value = torch.tensor([0.0 if finite else 1.0, float(skipped)], device=device)
+def agree(flag: bool, count: int, device: torch.device) -> tuple[bool, int]:
+    """(``flag`` true on every rank, ``count`` summed over ranks) in one all-reduce."""
+    value = torch.tensor([0.0 if flag else 1.0, float(count)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
     return value[0].item() == 0, int(value[1].item())

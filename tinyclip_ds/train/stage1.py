@@ -77,6 +77,7 @@ def train_stage1(run) -> int:
                   f"global batch {global_batch} = micro {micro} × accumulation {accumulation} × {run.world} rank(s)")
 
     teacher_forward = run.teacher.image if kind == "image" else run.teacher.text
+    smallest_batch = 2 if "rep_relation" in objective.terms else 1
 
     def one_step() -> StepResult:
         result = StepResult()
@@ -84,13 +85,18 @@ def train_stage1(run) -> int:
         while done < accumulation:
             batch = next(batches)
             state.samples_consumed += micro * run.world
-            inputs = batch[kind].to(run.device) if kind in batch else torch.zeros(0, dtype=torch.long)
+            # Unreadable images are dropped by collate; a micro-batch left too small on any rank
+            # (empty; one sample for the in-batch rep_relation) is skipped by all ranks before
+            # any forward, since ZeRO-3 forwards are collective.
+            usable, skipped = agree(len(batch["index"]) >= smallest_batch, batch["skipped"], run.device)
+            state.skipped_samples += skipped
+            if not usable:
+                continue
+            inputs = batch[kind].to(run.device)
             teacher_out = teacher_forward(inputs, objective.teacher_request)
             loss, terms = engine(inputs if kind == "image" else student.fit_context(inputs), teacher_out,
                                  mix_seed(recipe.seed, "vit_kd", state.samples_consumed, run.rank))
-            # An empty micro-batch (every image unreadable) has a NaN loss too.
-            finite, skipped = agree(bool(torch.isfinite(loss)), batch["skipped"], run.device)
-            state.skipped_samples += skipped
+            finite, _ = agree(bool(torch.isfinite(loss)), 0, run.device)
             if not finite:
                 # Dropped on every rank alike, so DeepSpeed's collectives stay in step; the next
                 # micro-batch takes its place.

@@ -15,7 +15,7 @@ from tinyclip_ds.data.sources import pair_source
 from tinyclip_ds.data.transforms import train_transform
 from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import STAGE1_TERMS, Stage1Objective, Stage2Objective, active_terms
-from tinyclip_ds.models.students import build_students, embedding_names
+from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.train import checkpoint
