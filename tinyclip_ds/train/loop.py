@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -18,7 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
+from tinyclip_ds.data.transforms import train_transform
 from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.deepspeed_config import batch_sizes
 from tinyclip_ds.train.optim import build_optimizer
 
 
@@ -48,6 +52,25 @@ class StepResult:
     terms: dict[str, float] = field(default_factory=dict)
     samples: int = 0  # samples this rank used in the step
     stopped: bool = False  # too many non-finite losses in a row: stop the run
+
+
+def training_batches(run, dataset, state: TrainState) -> tuple[Iterator[dict], int, int]:
+    """``(batches, micro, accumulation)``: this rank's endless micro-batches of ``dataset``,
+    continuing from the data position in ``state`` (samples consumed over all ranks, so it
+    holds for any world size with the same global batch)."""
+    micro, accumulation, global_batch = batch_sizes(run.recipe.train, run.world)
+    sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, run.recipe.seed,
+                                 start_position=math.ceil(state.samples_consumed / (micro * run.world)))
+    run.monitor.print(f"{len(dataset)} training samples; global batch {global_batch} = micro {micro} × "
+                      f"accumulation {accumulation} × {run.world} rank(s)")
+    return run.samples.track(train_loader(dataset, sampler, run.recipe.data.num_workers)), micro, accumulation
+
+
+def image_train_transform(run):
+    """The recipe's training augmentation with the teacher's image size and normalisation."""
+    data, teacher = run.recipe.data, run.teacher
+    return train_transform(teacher.image_size, teacher.image_mean, teacher.image_std, data.randaugment,
+                           data.randaugment_ops, data.randaugment_magnitude)
 
 
 def build_engine(module: nn.Module, ds_config: dict, recipe):

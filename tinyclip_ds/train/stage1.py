@@ -7,23 +7,21 @@ the teacher's other tower.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
 from tinyclip_ds.data.datasets import ImageDataset, TextDataset
-from tinyclip_ds.data.sampler import GlobalBatchSampler, mix_seed, train_loader
+from tinyclip_ds.data.sampler import mix_seed
 from tinyclip_ds.data.sources import caption_source, image_source
-from tinyclip_ds.data.transforms import train_transform
 from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import Stage1Objective
 from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import TowerOutput
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.deepspeed_config import batch_sizes
-from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, evaluation
+from tinyclip_ds.train.loop import (StepResult, Trainer, TrainState, agree, build_engine, evaluation,
+                                    image_train_transform, training_batches)
 
 
 class Stage1Student(nn.Module):
@@ -63,18 +61,10 @@ def train_stage1(run) -> int:
         monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
 
     if kind == "image":
-        dataset = ImageDataset(image_source(recipe.data.images),
-                               train_transform(run.teacher.image_size, run.teacher.image_mean,
-                                               run.teacher.image_std, recipe.data.randaugment,
-                                               recipe.data.randaugment_ops, recipe.data.randaugment_magnitude))
+        dataset = ImageDataset(image_source(recipe.data.images), image_train_transform(run))
     else:
         dataset = TextDataset(caption_source(recipe.data.captions), run.teacher.tokenizer)
-    micro, accumulation, global_batch = batch_sizes(recipe.train, run.world)
-    sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, recipe.seed,
-                                 start_position=math.ceil(state.samples_consumed / (micro * run.world)))
-    batches = run.samples.track(train_loader(dataset, sampler, recipe.data.num_workers))
-    monitor.print(f"{len(dataset)} training {'images' if kind == 'image' else 'captions'}, "
-                  f"global batch {global_batch} = micro {micro} × accumulation {accumulation} × {run.world} rank(s)")
+    batches, micro, accumulation = training_batches(run, dataset, state)
 
     teacher_forward = run.teacher.image if kind == "image" else run.teacher.text
     smallest_batch = 2 if "rep_relation" in objective.terms else 1

@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import PairDataset
-from tinyclip_ds.data.sampler import GlobalBatchSampler, mix_seed, train_loader
+from tinyclip_ds.data.sampler import mix_seed
 from tinyclip_ds.data.sources import pair_source
-from tinyclip_ds.data.transforms import train_transform
 from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import STAGE1_TERMS, Stage1Objective, Stage2Objective, active_terms
 from tinyclip_ds.models.students import build_students
@@ -20,8 +19,8 @@ from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.contrastive import Features, backward_scale, gather_with_grad, local_rows
-from tinyclip_ds.train.deepspeed_config import batch_sizes
-from tinyclip_ds.train.loop import StepResult, Trainer, TrainState, agree, build_engine, evaluation
+from tinyclip_ds.train.loop import (StepResult, Trainer, TrainState, agree, build_engine, evaluation,
+                                    image_train_transform, training_batches)
 
 
 class LogitScale(nn.Module):
@@ -131,18 +130,12 @@ def train_stage2(run) -> int:
         state = TrainState.from_dict(checkpoint.load(engine, run.resume_from))
         monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
 
-    dataset = PairDataset(
-        pair_source(recipe.data.pairs, recipe.data.image_root, recipe.data.csv_image_key,
-                    recipe.data.csv_caption_key),
-        train_transform(teacher.image_size, teacher.image_mean, teacher.image_std, recipe.data.randaugment,
-                        recipe.data.randaugment_ops, recipe.data.randaugment_magnitude),
-        teacher.tokenizer)
-    micro, accumulation, global_batch = batch_sizes(recipe.train, run.world)
-    sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, recipe.seed,
-                                 start_position=math.ceil(state.samples_consumed / (micro * run.world)))
-    batches = run.samples.track(train_loader(dataset, sampler, recipe.data.num_workers))
-    monitor.print(f"{len(dataset)} training pairs; effective contrastive batch {global_batch} = micro {micro} "
-                  f"× accumulation {accumulation} × {run.world} rank(s), {recipe.train.accumulation_mode} accumulation")
+    dataset = PairDataset(pair_source(recipe.data.pairs, recipe.data.image_root, recipe.data.csv_image_key,
+                                      recipe.data.csv_caption_key),
+                          image_train_transform(run), teacher.tokenizer)
+    batches, micro, accumulation = training_batches(run, dataset, state)
+    monitor.print(f"contrastive negatives per step: micro {micro} × accumulation {accumulation} × "
+                  f"{run.world} rank(s), {recipe.train.accumulation_mode} accumulation")
 
     step_fn = ContrastiveStep(engine, teacher, objective, run.device, accumulation,
                               mode=recipe.train.accumulation_mode, seed=recipe.seed)
