@@ -92,10 +92,6 @@ def local_rows(local_count: int, device: torch.device) -> Tensor:
     return torch.arange(start, start + local_count, device=device)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def backward_scale(world: int) -> float:
     """Factor on a rank's share of a full-batch loss before ``engine.backward(...,
     scale_wrt_gas=False)``: DeepSpeed averages gradients over ranks, but the full-batch

@@ -6,7 +6,6 @@ Only rank 0 writes; other ranks get a Monitor that does nothing, so call sites n
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.started = time.time()
 
     def print(self, message: str) -> None:
         if self.enabled:
