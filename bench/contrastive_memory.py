@@ -43,7 +43,6 @@ def _status_kib(field: str) -> int:
 def measure(micro: int, accumulation: int, mode: str, samples: int) -> dict:
     """Run in a child process: build everything, warm up one step, then time steps covering
     ``samples`` samples."""
-    import deepspeed
     import torch
 
     from tinyclip_ds.data.digits import DigitsTokenizer
@@ -54,9 +53,10 @@ def measure(micro: int, accumulation: int, mode: str, samples: int) -> dict:
     from tinyclip_ds.train.deepspeed_config import build_ds_config
     from tinyclip_ds.train.loop import build_engine
     from tinyclip_ds.train.optim import TrainConfig
+    from tinyclip_ds.train.run import init_distributed
     from tinyclip_ds.train.stage2 import ContrastiveStep, LogitScale, Stage2Student
 
-    deepspeed.init_distributed()
+    init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment
     torch.manual_seed(0)
     tokenizer = DigitsTokenizer()
     vision, text = teacher_shapes(tokenizer)

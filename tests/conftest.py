@@ -27,18 +27,25 @@ def launch(stage: str, *args: str, ranks: int = 1, timeout: int = 600, check: bo
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a stage launcher the way users do: ``deepspeed --num_gpus N launch/<stage>.sh ARGS``
     (or, for one rank, its Python half directly, as DeepSpeed would run it)."""
+    port = free_port()
     if ranks == 1:
         command = [sys.executable, f"launch/{stage}.sh", *args]
     else:
-        command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                   f"launch/{stage}.sh", *args]
+        command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), f"launch/{stage}.sh", *args]
     result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                  **(env or {})})
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                     f"{result.stderr[-6000:]}")
+    assert not leaked_shared_memory(port), "the run left DeepSpeed's shared-memory segments in /dev/shm"
     return result
+
+
+def leaked_shared_memory(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce segments of the job on ``port`` still in /dev/shm (each ~70 MB
+    of RAM until reboot; tinyclip_ds.train.run unlinks them once every rank has mapped them)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

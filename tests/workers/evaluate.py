@@ -6,12 +6,12 @@ Used by test_eval_exact.py: rank 0 saves the metrics for each ``--batch-sizes`` 
 import argparse
 import json
 
-import deepspeed
 import torch
 
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.eval.evaluator import EvalConfig, Evaluator
 from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
+from tinyclip_ds.train.run import init_distributed
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment
     teacher = load_teacher(TeacherConfig(source="demo"))
     results = {}
     for batch_size in args.batch_sizes:

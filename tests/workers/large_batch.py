@@ -8,7 +8,6 @@ the optimizer step, for each loss term, to F.
 
 import argparse
 
-import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
@@ -18,6 +17,7 @@ from tinyclip_ds.models.transformer import Clip, TextTower, TowerShape, VisionTo
 from tinyclip_ds.train.deepspeed_config import build_ds_config
 from tinyclip_ds.train.loop import build_engine
 from tinyclip_ds.train.optim import TrainConfig
+from tinyclip_ds.train.run import init_distributed
 from tinyclip_ds.train.stage2 import ContrastiveStep, LogitScale, Stage2Student
 
 SAMPLES, VOCAB, CONTEXT = 32, 50, 12
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     images, ids = data()
     # Micro-step m of rank r takes slice k = m·world + r of the global batch (the sampler's order).
