@@ -92,6 +92,11 @@ def precision(config: dict) -> str:
     return "fp32"
 
 
+def zero_stage(config: dict) -> int:
+    """The ZeRO stage the DeepSpeed config asks for (0 when it has no ZeRO block)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def check_precision(config: dict) -> None:
     """Refuse a precision the accelerator cannot run, before DeepSpeed fails somewhere deep."""
     from deepspeed.accelerator import get_accelerator

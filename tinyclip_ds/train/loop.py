@@ -94,28 +94,31 @@ def agree(flag: bool, count: int, device: torch.device) -> tuple[bool, int]:
 def evaluation(run, engine, image: Callable | None = None, text: Callable | None = None) -> Callable[[int], None]:
     """The ``evaluate(step)`` of a stage: the student's encoders where given (stage 1 gives one,
     stage 2 both), the teacher's for the other tower. The teacher is frozen, so its side of
-    the validation sets is embedded once. Logs to metrics.jsonl, TensorBoard (with the
-    student-vs-teacher similarity heatmap) and the console."""
+    the validation sets, its metrics and its heatmap half are computed once. Logs to
+    metrics.jsonl, TensorBoard (with the student-vs-teacher similarity heatmap) and the console."""
     evaluator, clip = run.evaluator, run.teacher.clip
-    teacher_sides = []
+    frozen = {}  # the teacher's sides, metrics and similarity sample, from the first evaluation
 
     def evaluate(step: int) -> None:
         if not evaluator.enabled:
             return
-        if not teacher_sides:
-            teacher_sides.extend([evaluator.image_side(lambda x: clip.visual(x).embedding),
-                                  evaluator.text_side(lambda ids: clip.text(ids).embedding)])
+        if not frozen:
+            sides = (evaluator.image_side(lambda x: clip.visual(x).embedding),
+                     evaluator.text_side(lambda ids: clip.text(ids).embedding))
+            frozen.update(sides=sides, metrics=evaluator.metrics(*sides),
+                          similarity=evaluator.similarity_sample(*sides))
+        teacher_sides, teacher = frozen["sides"], frozen["metrics"]
         engine.module.eval()
         student_sides = (evaluator.image_side(image) if image else teacher_sides[0],
                          evaluator.text_side(text) if text else teacher_sides[1])
         engine.module.train()
-        student, teacher = evaluator.metrics(*student_sides), evaluator.metrics(*teacher_sides)
+        student = evaluator.metrics(*student_sides)
         run.monitor.metrics(step, {**{f"student/{k}": v for k, v in student.items()},
                                    **{f"teacher/{k}": v for k, v in teacher.items()}})
         student_sim = evaluator.similarity_sample(*student_sides)
         if student_sim is not None:
             gap = torch.full((student_sim.shape[0], 1), float("nan"))
-            both = torch.cat([student_sim.cpu(), gap, evaluator.similarity_sample(*teacher_sides).cpu()], dim=1)
+            both = torch.cat([student_sim.cpu(), gap, frozen["similarity"].cpu()], dim=1)
             run.monitor.heatmap("eval/similarity_student_vs_teacher", step, both.nan_to_num(both.nanmean().item()))
         shown = [k for k in ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "mean_score") if k in student]
         run.monitor.print(f"eval step {step}: " + "  ".join(

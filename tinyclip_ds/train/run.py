@@ -17,7 +17,7 @@ from tinyclip_ds.eval.evaluator import Evaluator
 from tinyclip_ds.models.teachers import Teacher, load_teacher
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.deepspeed_config import build_ds_config, precision
+from tinyclip_ds.train.deepspeed_config import build_ds_config, precision, zero_stage
 from tinyclip_ds.train.loop import SampleLog
 from tinyclip_ds.train.monitor import Monitor
 
@@ -119,11 +119,6 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
     samples = SampleLog(run_dir / "samples.jsonl", recipe.train.log_samples, rank, world)
     return Run(recipe, rank, world, device, run_dir, ds_config, monitor, teacher, evaluator, resume_from,
                samples)
-
-
-def zero_stage(ds_config: dict) -> int:
-    """The ZeRO stage a resolved DeepSpeed config asks for (0 when it has no ZeRO block)."""
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def train(recipe: Recipe, resume: str | None = None) -> int:

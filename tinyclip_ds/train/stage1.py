@@ -7,7 +7,6 @@ the teacher's other tower.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
