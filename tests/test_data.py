@@ -14,9 +14,9 @@ from torchvision import transforms as T
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import ImageDataset, PairDataset, TextDataset, collate
 from tinyclip_ds.data.sampler import GlobalBatchSampler, sample_seed, train_loader
-from tinyclip_ds.data.sources import (ImageSource, PairSource, caption_source, classification_source,
-                                      eval_pairs, image_source, pair_source)
-from tinyclip_ds.data.transforms import GEOMETRIC_OPS, GeometricRandAugment, eval_transform, train_transform
+from tinyclip_ds.data.sources import (SKIP_REASONS, ImageSource, PairSource, caption_source,
+                                      classification_source, eval_pairs, image_source, pair_source)
+from tinyclip_ds.data.transforms import GEOMETRIC_OPS, GeometricRandAugment, eval_transform, to_rgb, train_transform
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,7 +106,7 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in source.entries] == \
         ["a/deep/er/y.png", "a/x.png", "b.png", "c/z.jpg"]
     assert np.array_equal(np.asarray(source.load(0)), np.asarray(random_image(20, 20, seed=2)))
-    assert source.load(3) is None  # garbage bytes: reported, not raised
+    assert source.load(3) == "not_an_image"  # garbage bytes: reported, not raised
 
     # two specs are concatenated
     assert len(image_source([str(tmp_path), str(tmp_path / "a")])) == 4 + 2
@@ -119,8 +119,8 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     truncated = (tmp_path / "0.png").read_bytes()
     (tmp_path / "5.png").write_bytes(truncated[:len(truncated) // 2])
     dataset = ImageDataset(image_source(str(tmp_path)), train_transform(SIZE, MEAN, STD))
-    assert dataset[(3, 0)] == {"index": 3, "skipped": True}
-    assert dataset[(5, 0)] == {"index": 5, "skipped": True}
+    assert dataset[(3, 0)] == {"index": 3, "skipped": "not_an_image", "source": str(tmp_path)}
+    assert dataset[(5, 0)] == {"index": 5, "skipped": "truncated", "source": str(tmp_path)}
 
     sampler = GlobalBatchSampler(6, micro_batch=6, accumulation=1, world_size=1, rank=0, seed=0)
     for workers in (0, 2):
@@ -128,11 +128,38 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
         keys = sampler.micro_batch_keys(0, 0)
         good = [(i, s) for i, s in keys if i not in (3, 5)]
         assert batch["skipped"] == 2
+        assert batch["skip_reasons"] == {"not_an_image": 1, "truncated": 1}
+        assert batch["skip_sources"] == {str(tmp_path): 2}
         assert batch["index"].tolist() == [i for i, _ in good]
         torch.testing.assert_close(batch["image"], torch.stack([dataset[k]["image"] for k in good]))
 
-    everything_bad = collate([{"index": 1, "skipped": True}])
+    everything_bad = collate([{"index": 1, "skipped": "zero_byte", "source": "x"}])
     assert everything_bad["skipped"] == 1 and everything_bad["index"].numel() == 0
+    assert everything_bad["skip_reasons"] == {"zero_byte": 1} and everything_bad["skip_sources"] == {"x": 1}
+
+
+def test_each_unusable_file_is_logged_once_per_process(tmp_path, caplog):
+    (tmp_path / "empty.png").touch()
+    source = ImageSource([tmp_path / "empty.png"])
+    assert [source.load(0) for _ in range(3)] == ["zero_byte"] * 3
+    assert [r.getMessage() for r in caplog.records] == [f"skipping image {tmp_path / 'empty.png'} (zero_byte): "
+                                                        f"{SKIP_REASONS['zero_byte']}"]
+
+
+def test_source_of_names_the_spec_of_each_entry(tmp_path):
+    for folder, n in [("one", 2), ("two", 3)]:
+        for i in range(n):
+            write_png(tmp_path / folder / f"{i}.png", seed=i)
+    specs = [str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "one")]
+    source = image_source(specs)
+    assert [source.source_of(i) for i in range(len(source))] == [specs[0]] * 2 + [specs[1]] * 3 + [specs[2]] * 2
+
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("filepath,title\none/0.png,x\nmissing.png,y\n")
+    pairs = pair_source([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    batch = collate([PairDataset(pairs, eval_transform(SIZE, MEAN, STD), char_tokenizer)[i] for i in range(4)])
+    assert batch["skip_reasons"] == {"missing_file": 2}
+    assert batch["skip_sources"] == {str(tmp_path / "a.csv"): 1, str(tmp_path / "b.csv"): 1}
 
 
 def test_text_and_coco_captions(tmp_path):
@@ -193,6 +220,151 @@ def test_pair_dataset_draws_a_caption_from_the_sample_seed(tmp_path):
     batch = collate([TextDataset(["x", "yy"], char_tokenizer)[(i, 0)] for i in (1, 0)])
     assert batch["index"].tolist() == [1, 0] and batch["skipped"] == 0
     assert torch.equal(batch["text"], char_tokenizer(["yy", "x"]))
+
+
+def test_tsv_is_read_without_quoting(tmp_path):
+    """CC3M and img2dataset write bare quotes: an opening quote must not swallow the rows after it."""
+    captions = [f"caption {i}" for i in range(10)]
+    captions[2] = '"Quoted" start, then an unmatched " and more'
+    captions[5] = '"an unmatched quote at the start'
+    path = tmp_path / "cc3m.tsv"
+    path.write_text("title\tfilepath\n" + "".join(f"{c}\timages/{i}.jpg\n" for i, c in enumerate(captions)))
+    pairs = pair_source(str(path))
+    assert [entry.name for entry in pairs.entries] == [f"{i}.jpg" for i in range(10)]
+    assert [c for per_image in pairs.captions for c in per_image] == captions
+    assert pairs.bad_rows == {}
+
+
+def test_csv_rows_of_the_wrong_shape_are_skipped_and_reported(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text('filepath,title\n'
+                    'a.png,one\n'
+                    'b.png,two,and a stray field\n'  # line 3: three fields
+                    'c.png,three\n'
+                    'd.png,"four, quoted"\n'
+                    ',no image path\n'  # line 6
+                    'e.png,"five with an unmatched quote\n'  # line 7: swallows the lines after it
+                    'f.png,six\n'
+                    'g.png,seven\n')
+    pairs = pair_source(str(path))
+    assert [entry.name for entry in pairs.entries] == ["a.png", "c.png", "d.png"]
+    assert pairs.captions == [["one"], ["three"], ["four, quoted"]]
+    assert pairs.bad_rows == {str(path): [3, 6, 7]}
+    assert pairs.summary() == f"3 images with 3 captions; {path}: 3 malformed rows skipped (lines 3, 6, 7)"
+
+    # most rows malformed: the wrong delimiter, say; an error naming the file and lines
+    path.write_text("filepath,title\na.png,one\n" + "".join(f"{i}.png,x,y\n" for i in range(7)))
+    with pytest.raises(RecipeError, match=rf"data.pairs': {path}: 7 of 8 rows are malformed \(lines 3, 4, 5, 6, 7, "
+                                          rf"\.\.\. \(7 in all\).*delimiter"):
+        pair_source(str(path))
+
+
+def test_text_files_with_a_bom_are_read_and_other_encodings_are_named(tmp_path):
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    excel.write_text("filepath,title\na.png,café\n", encoding="utf-8-sig")
+    assert pair_source(str(excel)).captions == [["café"]]
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\na cat\n", encoding="utf-8-sig")
+    assert caption_source(str(captions)) == ["a dog", "a cat"]
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a dog"}]}), encoding="utf-8-sig")
+    assert caption_source(str(coco)) == ["a dog"]
+
+    captions.write_text("a dog\na cat\na café\n", encoding="latin-1")
+    with pytest.raises(RecipeError, match=rf"data.captions': {captions} line 3 is not UTF-8.*iconv"):
+        caption_source(str(captions))
+    excel.write_text("filepath,title\na.png,one\nb.png,café\n", encoding="latin-1")
+    with pytest.raises(RecipeError, match=rf"data.pairs': {excel} line 3 is not UTF-8"):
+        pair_source(str(excel))
+    coco.write_text('{"annotations": [\n{"image_id": 1, "caption": "café"}]}', encoding="latin-1")
+    with pytest.raises(RecipeError, match=rf"eval.data': {coco} line 2 is not UTF-8"):
+        eval_pairs(str(coco))
+
+
+def test_coco_annotation_without_caption_or_image_id_is_named(tmp_path):
+    path = tmp_path / "captions.json"
+    images = [{"id": 1, "file_name": "1.jpg"}]
+    path.write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "caption": "ok"},
+                                                                  {"image_id": 1, "id": 7}]}))
+    for read, key in [(caption_source, "data.captions"), (pair_source, "data.pairs"), (eval_pairs, "eval.data")]:
+        with pytest.raises(RecipeError, match=rf"{key}': {path}: \"annotations\"\[1\] has no .*'caption' "
+                                              rf"\(found {{\"image_id\": 1, \"id\": 7}}\)"):
+            read(str(path))
+    # captions alone need no image_id; pairs do
+    path.write_text(json.dumps({"images": images, "annotations": [{"caption": "no image id"}]}))
+    assert caption_source(str(path)) == ["no image id"]
+    with pytest.raises(RecipeError, match=r"\"annotations\"\[0\] has no 'image_id' and 'caption'"):
+        pair_source(str(path))
+    path.write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "caption": None}]}))
+    with pytest.raises(RecipeError, match=r"\"annotations\"\[0\] has no 'caption'"):
+        caption_source(str(path))
+    path.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "x"}]}))
+    with pytest.raises(RecipeError, match=r"\"images\"\[0\] has no \"id\" and \"file_name\""):
+        pair_source(str(path))
+
+
+def test_image_folders_hold_image_files_by_extension(tmp_path):
+    """img2dataset's output: 00000.jpg with 00000.txt and 00000.json sidecars, and a parquet."""
+    for i in range(3):
+        write_png(tmp_path / "00000" / f"{i:05d}.jpg", seed=i)
+        (tmp_path / "00000" / f"{i:05d}.txt").write_text(f"caption {i}")
+        (tmp_path / "00000" / f"{i:05d}.json").write_text("{}")
+    write_png(tmp_path / "00000" / "shouting.JPEG", seed=3)
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1")
+    (tmp_path / "._00000.jpg").write_bytes(b"macOS metadata")  # hidden: neither image nor counted
+    source = image_source(str(tmp_path))
+    assert [p.name for p in source.entries] == ["00000.jpg", "00001.jpg", "00002.jpg", "shouting.JPEG"]
+    assert source.ignored == {".txt": 3, ".json": 3, ".parquet": 1}
+    assert source.summary() == "4 images, 7 other files ignored (.json: 3, .txt: 3, .parquet: 1)"
+
+    only_sidecars = tmp_path / "captions_only"
+    only_sidecars.mkdir()
+    (only_sidecars / "00000.txt").write_text("a caption")
+    with pytest.raises(RecipeError, match=r"data.images.*contains no images, only 1 other files \(\.txt\); "
+                                          r"images are \.bmp, \.gif, \.jpeg, \.jpg"):
+        image_source(str(only_sidecars))
+
+    # class folders of a zero-shot set likewise: a stray README.txt is not an image of the class
+    for cls in ("cat", "dog"):
+        write_png(tmp_path / "classes" / cls / "0.png", seed=0)
+    (tmp_path / "classes" / "dog" / "README.txt").write_text("where these came from")
+    images, labels, classnames, _ = classification_source(str(tmp_path / "classes"))
+    assert labels == [0, 1] and classnames == ["cat", "dog"] and images.ignored == {".txt": 1}
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    gradient = (np.arange(40 * 24, dtype=np.uint32).reshape(24, 40) * 68).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "x.png")  # a 16-bit greyscale PNG
+    image = image_source(str(tmp_path)).load(0)
+    assert image.mode.startswith("I")
+    expected = Image.fromarray((gradient >> 8).astype(np.uint8)).convert("RGB")
+    assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(expected))
+    torch.testing.assert_close(eval_transform(SIZE, MEAN, STD)(image), eval_transform(SIZE, MEAN, STD)(expected))
+    big_endian = Image.frombytes("I;16B", (40, 24), gradient.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(big_endian)), np.asarray(expected))
+
+
+def test_coco_layout_resolves_its_own_image_folder(tmp_path):
+    """COCO as shipped: annotations/captions_<split>.json, images in <split>/."""
+    coco = tmp_path / "coco"
+    annotations = {"images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000002.jpg"}],
+                   "annotations": [{"image_id": i, "caption": f"image {i}"} for i in (1, 2)]}
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (coco / "annotations" / f"captions_{split}.json").write_text(json.dumps(annotations))
+        for i in (1, 2):
+            write_png(coco / split / f"{i:012d}.jpg", seed=i)
+    images, captions, _ = eval_pairs(str(coco / "annotations" / "captions_val2017.json"))
+    assert images.entries == [coco / "val2017" / "000000000001.jpg", coco / "val2017" / "000000000002.jpg"]
+    assert all(isinstance(images.load(i), Image.Image) for i in range(len(images)))
+    train = pair_source(str(coco / "annotations" / "captions_train2017.json"))
+    assert train.entries[0] == coco / "train2017" / "000000000001.jpg"
+    # an explicit root wins; a file outside the COCO layout keeps its own folder
+    assert eval_pairs(str(coco / "annotations" / "captions_val2017.json"),
+                      image_root=str(tmp_path))[0].entries[0] == tmp_path / "000000000001.jpg"
+    (coco / "annotations" / "captions_test.json").write_text(json.dumps(annotations))  # no test/ folder
+    assert eval_pairs(str(coco / "annotations" / "captions_test.json"))[0].entries[0] == \
+        coco / "annotations" / "000000000001.jpg"
 
 
 def test_classification_folder(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -35,9 +37,11 @@ def test_demo_trains_logs_evaluates_checkpoints_and_resumes(tmp_path, stage, ran
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
     scalars, images = read_tensorboard(run_dir)
-    for tag in ("loss/rep_l1", "loss/rep_cos", "loss/hidden", "train/lr", "train/samples_per_s",
+    # train/grad_norm also at ZeRO-0 (stage1_text), where DeepSpeed does not report it
+    for tag in ("loss/rep_l1", "loss/rep_cos", "loss/hidden", "train/lr", "train/samples_per_s", "train/grad_norm",
                 "train/skipped_samples", "train/skipped_steps", "student/zeroshot_top1", "student/t2i_R@1"):
         assert tag in scalars, (tag, sorted(scalars))
+    assert all(0 < norm < math.inf for _, norm in scalars["train/grad_norm"])
     if stage == "stage1_text":
         assert "loss/attn_probs" in scalars and "loss/rep_kl" in scalars
     assert "eval/similarity_student_vs_teacher" in images
@@ -70,15 +74,18 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     for i, (image, _) in enumerate(digit_images("train")[:40]):
         image.save(folder / f"digit_{i:03d}.png")
     (folder / "broken.jpg").write_bytes(b"this is not an image")
+    (folder / "empty.jpg").write_bytes(b"")
     run_dir = tmp_path / "run"
     result = launch("stage1_image", *FAST, "--set", f"run_dir={run_dir}", "--set", "train.steps=6",
-                    "--set", f"data.images=[{tmp_path / 'images'}]", "--set", "train.micro_batch=41",
-                    "--set", "eval.every=0", "--set", "checkpoint.every=0")
+                    "--set", f"data.images=[{tmp_path / 'images'}]", "--set", "train.micro_batch=42",
+                    "--set", "eval.every=0", "--set", "checkpoint.every=0", "--set", "data.num_workers=2")
     assert "done: 6 steps" in result.stdout
     scalars, _ = read_tensorboard(run_dir)
-    skipped = [value for _, value in scalars["train/skipped_samples"]]
-    # 41 files, one unreadable, one global batch per epoch: skipped once per step
-    assert skipped == [1, 2, 3, 4, 5, 6]
+    # 42 files, two unusable, one global batch per epoch: each skipped once per step
+    assert [value for _, value in scalars["train/skipped_samples"]] == [2, 4, 6, 8, 10, 12]
+    for reason in ("not_an_image", "zero_byte"):
+        assert [value for _, value in scalars[f"data/skipped/{reason}"]] == [1, 2, 3, 4, 5, 6], reason
+    assert "skipped 12 (not_an_image 6, zero_byte 6)" in result.stdout
     assert all(np.isfinite(losses_of(run_dir)))
 
 
@@ -94,3 +101,11 @@ def test_nonfinite_losses_are_dropped_then_stop_the_run_with_a_checkpoint(tmp_pa
     assert result.stdout.count("non-finite loss, micro-batch dropped") == 3
     assert "stopping: 3 non-finite losses in a row" in result.stdout and "--resume auto" in result.stdout
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000001"]
+
+
+def test_throughput_prints_significant_digits():
+    """A slow run printed "0 samples/s"."""
+    from tinyclip_ds.train.monitor import significant
+
+    assert [significant(v) for v in (0.0123456, 0.4, 1.5, 12.345, 999.4, 12345.6, 0.0)] == \
+        ["0.0123", "0.400", "1.50", "12.3", "999", "12346", "0"]

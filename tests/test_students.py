@@ -1,6 +1,7 @@
 """Students: shapes, weight sharing, weight inheritance, frozen embeddings, shipped fragments."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError, build, load_yaml_tree
 from tinyclip_ds.models.students import (StudentConfig, StudentTowerConfig, build_student_tower,
                                          build_students, student_shape)
+from tinyclip_ds.models.students import shape_differences, shape_record, tower_from_record
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Clip, Request, TowerShape
 from tinyclip_ds.recipe import Recipe
@@ -367,3 +369,25 @@ def test_summary_lists_sizes_maps_and_inheritance():
     assert "image init: blocks ← teacher layers [2, 8]" in lines
     assert any(line.startswith("text init: frozen") for line in lines)
     assert math.isclose(float(image_student[4]), count(students["image"]) / count(teacher.visual), abs_tol=0.005)
+
+
+# --------------------------------------------------------------------------- shape records
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_shape_record_rebuilds_the_tower_and_names_every_difference(kind):
+    """A recorded shape (checkpoints, exports) rebuilds the tower without the teacher, and head
+    count and activation — which change no parameter shape — are told apart by name."""
+    cfg = StudentTowerConfig(layers=2, width=32, heads=2, repeat=2, act="gelu")
+    student = build_student_tower(kind, tower_of(random_teacher(), kind), cfg, f"student.{kind}")
+    record = json.loads(json.dumps(shape_record(kind, student.shape)))
+    rebuilt = tower_from_record(kind, record)
+    assert rebuilt.shape == student.shape.replace(dropout=0.0)
+    rebuilt.load_state_dict(student.state_dict(), strict=True)
+    student.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(inputs(kind)).embedding, student(inputs(kind)).embedding)
+    assert shape_differences(kind, record, student.shape.replace(dropout=0.3)) == []
+    other = student.shape.replace(heads=4, act="quick_gelu")
+    assert shape_differences(kind, record, other) == [(f"student.{kind}.heads", 2, 4),
+                                                      (f"student.{kind}.act", "gelu", "quick_gelu")]

@@ -117,17 +117,22 @@ def assert_matches_open_clip(clips: dict[str, Clip], library: nn.Module) -> None
             assert_close(clip.logit_scale, library.logit_scale.reshape(()), f"{what} logit_scale")
 
 
-def save_torchscript(state: dict[str, Tensor], path: Path) -> None:
-    """A TorchScript archive whose state_dict has exactly these names, as OpenAI's releases."""
+def save_torchscript(state: dict[str, Tensor], path: Path,
+                     extra: dict[str, nn.Module] | None = None) -> None:
+    """A TorchScript archive whose state_dict has exactly these names, as OpenAI's releases
+    (plus the ``extra`` modules, by dotted name)."""
     root = nn.Module()
-    for name, value in state.items():
+    for name, value in [*state.items(), *(extra or {}).items()]:
         *parents, leaf = name.split(".")
         module = root
         for part in parents:
             if part not in module._modules:
                 module.add_module(part, nn.Module())
             module = module._modules[part]
-        module.register_buffer(leaf, value.clone())
+        if isinstance(value, nn.Module):
+            module.add_module(leaf, value)
+        else:
+            module.register_buffer(leaf, value.clone())
     torch.jit.script(root).save(str(path))
 
 
@@ -453,3 +458,48 @@ def test_hf_and_open_clip_tokenizers_agree_and_pickle(tmp_path):
     assert a[2, -1] == EOT and b[2, -1] == EOT  # truncation keeps the end token
     for tokenizer, expected in ((ours, a), (hf, b)):
         assert torch.equal(pickle.loads(pickle.dumps(tokenizer))(texts), expected)
+
+
+# --------------------------------------------------------------------------- what OpenAI files cannot tell
+
+# An open_clip GELU model whose image tower has 4 heads of width 32, where OpenAI's convention
+# (width / 64) says 2: shapes an OpenAI-layout state dict does not record.
+SMALL_GELU_HEADS = {
+    "embed_dim": 96,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
+
+
+def test_openai_source_states_what_it_assumed_and_takes_overrides(tmp_path):
+    library = open_clip_library(SMALL_GELU_HEADS)
+    torch.save(library.state_dict(), tmp_path / "open_clip_gelu.pt")
+    path = str(tmp_path / "open_clip_gelu.pt")
+
+    told = load_teacher(TeacherConfig(source="openai", path=path, activation="gelu", image_heads=4,
+                                      text_heads=1))
+    assert told.assumptions == []
+    assert_matches_open_clip({"openai source with overrides": told.clip}, library)
+
+    assumed = load_teacher(TeacherConfig(source="openai", path=path))
+    assert assumed.assumptions == [
+        "activation quick_gelu (assumed: an OpenAI-layout file does not record it; override with "
+        "--set teacher.activation=gelu, e.g. for open_clip GELU weights)",
+        "image tower heads 2 (assumed: width 128 / 64, OpenAI's convention; override with "
+        "--set teacher.image_heads=N)",
+        "text tower heads 1 (assumed: width 64 / 64, OpenAI's convention; override with "
+        "--set teacher.text_heads=N)"]
+    x, _ = open_clip_inputs(library)
+    with torch.no_grad():  # the assumptions are wrong for this file: the summary must say so
+        assert (assumed.clip.encode_image(x) - library.encode_image(x)).abs().max() > 1e-3
+
+
+def test_openai_overrides_are_checked(tmp_path):
+    torch.save(open_clip_library(SMALL_GELU_HEADS).state_dict(), tmp_path / "weights.pt")
+    path = str(tmp_path / "weights.pt")
+    with pytest.raises(RecipeError, match=r"^teacher\.image_heads=3 does not divide the tower's width 128$"):
+        load_teacher(TeacherConfig(source="openai", path=path, image_heads=3))
+    with pytest.raises(RecipeError, match=r"^teacher\.activation, teacher\.image_heads: only the openai "
+                                          r"source takes these; the open_clip source reads them"):
+        load_teacher(TeacherConfig(source="open_clip", model="ViT-B-32", path=path, activation="gelu",
+                                   image_heads=12))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -40,6 +41,34 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: ``low``/``high`` bounds (None = unbounded), each
+    inclusive unless ``open_low``/``open_high``; ``note`` says what special values mean."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            bound = f"{'>' if self.open_low else '>='} {self.low}"
+        elif self.low is None:
+            bound = f"{'<' if self.open_high else '<='} {self.high}"
+        else:
+            bound = f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+        return f"{bound} ({self.note})" if self.note else bound
+
+
 # --------------------------------------------------------------------------- YAML loading
 
 def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, dict]:
@@ -52,16 +81,19 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dic
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
         raise RecipeError(f"recipe inheritance cycle: {cycle}")
-    if not path.is_file():
-        included_by = f" (named as a base in {_chain[-1]})" if _chain else ""
+    included_by = f" (named as a base in {_chain[-1]})" if _chain else ""
+    if not path.exists():
         raise RecipeError(f"recipe file not found: {path}{included_by}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    if not path.is_file():
+        raise RecipeError(f"{path}{included_by} is a directory, not a recipe file")
+    data = read_yaml(path, included_by) or {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
 
     bases = data.pop("base", [])
     bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise RecipeError(f"{path}: 'base' must be a file name or a list of file names, got {bases!r}")
     tree: dict = {}
     origins: dict = {}
     for base in bases:
@@ -71,6 +103,33 @@ def load_yaml_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[dic
     deep_merge(tree, data)
     origins.update({key: str(path) for key in dotted_leaves(data)})
     return tree, origins
+
+
+def read_yaml(path: Path, context: str = "") -> Any:
+    """The YAML document in ``path`` (UTF-8, a BOM allowed); unreadable, undecodable or
+    malformed files are one-line `RecipeError`s naming the file and the place."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise RecipeError(f"{path}{context}: not UTF-8 text (byte {err.object[err.start]:#04x} on line "
+                          f"{line}); save the recipe as UTF-8") from None
+    except OSError as err:
+        raise RecipeError(f"{path}{context}: cannot be read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}{context}: invalid YAML{_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`` at line L, column C: what is wrong`` from a PyYAML error (its messages span lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    message = f"{problem} ({context})" if context else problem
+    return f"{where}: {' '.join(message.split())}"
 
 
 def deep_merge(into: dict, new: dict) -> dict:
@@ -110,7 +169,7 @@ def apply_override(tree: dict, origins: dict, schema: type, assignment: str) -> 
     parts = dotted.split(".")
     field_type = _type_at(schema, parts, dotted)
     if field_type is _FREE_FORM:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _yaml_value(text, dotted) if text.strip() else ""
     else:
         value = parse_text(text, field_type, dotted)
     node = tree
@@ -170,7 +229,15 @@ def parse_text(text: str, hint: Any, key: str) -> Any:
     if origin is Literal:
         return stripped
     # lists, optionals and unions: YAML syntax, e.g. [0, 1, 10, 11] or null
-    return yaml.safe_load(stripped)
+    return _yaml_value(stripped, key)
+
+
+def _yaml_value(text: str, key: str) -> Any:
+    """A ``--set`` value written in YAML syntax."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {key}={text}: not a valid YAML value{_yaml_problem(err)}") from None
 
 
 # --------------------------------------------------------------------------- building
@@ -186,16 +253,16 @@ def build(schema: type, tree: dict, origins: dict | None = None, prefix: str = "
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise unknown_key_error(dotted, _origin_of(dotted, origins), root, prefix.rstrip("."),
+            raise unknown_key_error(dotted, origin_of(dotted, origins), root, prefix.rstrip("."),
                                     list(fields))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise RecipeError(f"'{dotted}' ({_origin_of(dotted, origins)}) is a section and "
+                raise RecipeError(f"'{dotted}' ({origin_of(dotted, origins)}) is a section and "
                                   f"needs a mapping of its fields, got {value!r}")
             kwargs[key] = build(hint, value, origins, dotted + ".", root)
         else:
-            kwargs[key] = check_value(value, hint, dotted, _origin_of(dotted, origins))
+            kwargs[key] = check_value(value, hint, dotted, origin_of(dotted, origins))
     return schema(**kwargs)
 
 
@@ -254,7 +321,8 @@ def check_value(value: Any, hint: Any, key: str, origin: str) -> Any:
     raise TypeError(f"unsupported recipe field type {hint!r} for '{key}'")
 
 
-def _origin_of(dotted: str, origins: dict) -> str:
+def origin_of(dotted: str, origins: dict) -> str:
+    """The file (or ``--set``) that set ``dotted`` or, for a section, the last of its keys."""
     if dotted in origins:
         return origins[dotted]
     below = [o for k, o in origins.items() if k.startswith(dotted + ".")]

@@ -3,9 +3,10 @@
 ``export_weights(run_dir)`` consolidates a checkpoint (ZeRO shards through DeepSpeed's
 zero_to_fp32, or a ZeRO-0 checkpoint as saved), keeps the student towers only (not the
 distillation projections, not the stage-1 heads kept in stage 2) and writes a safetensors file
-with per-tower keys ``image.*`` / ``text.*`` and the run's recipe in the metadata.
-``load_student_weights(file)`` builds fresh students from that recipe and loads the file into
-them with ``strict=True``.
+with per-tower keys ``image.*`` / ``text.*``, the run's recipe and the full shape of every
+student tower in the metadata. ``load_student_weights(file)`` builds fresh towers of those
+shapes and loads the file into them with ``strict=True``: it needs nothing but the file (no
+teacher, any working directory).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tinyclip_ds.config import RecipeError, build
+from tinyclip_ds.models.students import Tower, shape_record, student_shapes, tower_from_record
+from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.recipe import Recipe, load_recipe, validate
 from tinyclip_ds.train import checkpoint
 
@@ -27,10 +30,7 @@ from tinyclip_ds.train import checkpoint
 def student_state_dict(engine_state: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
     """The student towers' weights, keyed ``image.*`` / ``text.*``, from the state dict of a
     stage's engine module (stage 1: ``tower.*`` is the one tower; stage 2: ``image.*``, ``text.*``)."""
-    if stage == "stage2":
-        prefixes = {"image.": "image.", "text.": "text."}
-    else:
-        prefixes = {"tower.": "image." if stage == "stage1_image" else "text."}
+    prefixes = {prefix: kind + "." for kind, prefix in checkpoint.TOWER_PREFIXES[stage].items()}
     out = {}
     for name, value in engine_state.items():
         for prefix, renamed in prefixes.items():
@@ -41,42 +41,44 @@ def student_state_dict(engine_state: dict[str, Tensor], stage: str) -> dict[str,
 
 def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | None = None) -> Path:
     """Write the student weights of checkpoint ``which`` (a tag, a path, or ``auto`` = the
-    newest complete one) of ``run_dir`` to ``out`` (default ``<run_dir>/student_<tag>.safetensors``);
-    checks that they load with ``strict=True`` into students built from the run's recipe."""
+    newest complete one) of ``run_dir`` to ``out`` (default ``<run_dir>/student_<tag>.safetensors``)
+    with the checkpoint's recipe and tower shapes; checks that they load with ``strict=True``
+    into towers of those shapes."""
     run_dir = Path(run_dir)
-    recipe_path = run_dir / "recipe.yaml"
+    path = checkpoint.resolve_resume(run_dir, which)
+    if path is None:
+        raise RecipeError(f"{run_dir} has no complete checkpoint to export")
+    recipe_path = checkpoint.recipe_of(path)
     if not recipe_path.is_file():
         raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
     recipe_text = recipe_path.read_text()
     recipe = load_recipe(recipe_path)
-    path = checkpoint.resolve_resume(run_dir, which)
-    if path is None:
-        raise RecipeError(f"{run_dir} has no complete checkpoint to export")
+    shapes = checkpoint.saved_record(path)["towers"]
+    if not shapes:  # saved before checkpoints recorded their shapes: ask the teacher
+        shapes = {kind: shape_record(kind, shape)
+                  for kind, shape in student_shapes(recipe, load_teacher(recipe.teacher).clip).items()}
     engine_state = checkpoint.consolidated_state_dict(path)
     weights = student_state_dict(engine_state, recipe.stage)
-    metadata = {"recipe": recipe_text, "stage": recipe.stage, "checkpoint": str(path.resolve()),
-                "step": str(checkpoint.marker_info(path)["step"])}
+    metadata = {"recipe": recipe_text, "stage": recipe.stage, "students": json.dumps(shapes),
+                "checkpoint": str(path.resolve()), "step": str(checkpoint.marker_info(path)["step"])}
     if recipe.stage == "stage2":
         # CLIP's temperature, as the stage-2 module applies it (clamped to [1, logit_scale_max]).
         log_scale = engine_state["logit_scale.log_scale"].float().clamp(0.0, math.log(recipe.loss.logit_scale_max))
         metadata["logit_scale"] = json.dumps(log_scale.exp().item())
-    build_students_with(recipe, weights)
+    towers_with(shapes, weights)
     out = Path(out) if out else run_dir / f"student_{path.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=metadata)
     return out
 
 
-def build_students_with(recipe: Recipe, weights: dict[str, Tensor]) -> dict:
-    """Fresh student towers of ``recipe`` (built from its teacher) with ``weights`` loaded
-    strictly: every tower key present, nothing extra."""
-    from tinyclip_ds.models.students import build_students
-    from tinyclip_ds.models.teachers import load_teacher
-
-    students = build_students(recipe, load_teacher(recipe.teacher).clip)
+def towers_with(shapes: dict[str, dict], weights: dict[str, Tensor]) -> dict[str, Tower]:
+    """Fresh towers of ``shapes`` (kind -> `shape_record`) with ``weights`` loaded strictly:
+    every tower key present, nothing extra; in eval mode."""
+    students = {kind: tower_from_record(kind, record) for kind, record in shapes.items()}
     unexpected = [name for name in weights if name.split(".", 1)[0] not in students]
     if unexpected:
-        raise ValueError(f"weights for towers this {recipe.stage} recipe does not have: {unexpected[:5]}")
+        raise ValueError(f"weights for towers not in the recorded shapes ({', '.join(shapes)}): {unexpected[:5]}")
     for kind, tower in students.items():
         prefix = kind + "."
         tower.load_state_dict({name[len(prefix):]: value for name, value in weights.items()
@@ -85,8 +87,10 @@ def build_students_with(recipe: Recipe, weights: dict[str, Tensor]) -> dict:
     return students
 
 
-def load_student_weights(path: str | Path) -> tuple[Recipe, dict]:
-    """``(recipe, {"image": tower, "text": tower})`` from a file written by `export_weights`."""
+def load_student_weights(path: str | Path) -> tuple[Recipe, dict[str, Tower]]:
+    """``(recipe, {"image": tower, "text": tower})`` from a file written by `export_weights`;
+    reads nothing but that file (a file exported before shapes were recorded needs the recipe's
+    teacher to know them)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         weights = {name: f.get_tensor(name) for name in f.keys()}
@@ -94,4 +98,13 @@ def load_student_weights(path: str | Path) -> tuple[Recipe, dict]:
         raise ValueError(f"{path} has no recipe in its metadata; was it written by 'tinyclip-ds export-weights'?")
     recipe = build(Recipe, yaml.safe_load(metadata["recipe"]))
     validate(recipe)
-    return recipe, build_students_with(recipe, weights)
+    if "students" in metadata:
+        shapes = json.loads(metadata["students"])
+    else:
+        try:
+            teacher = load_teacher(recipe.teacher)
+        except RecipeError as err:
+            raise RecipeError(f"{path} was exported by an older version that did not record the student "
+                              f"shapes, so building its students needs the recipe's teacher: {err}") from None
+        shapes = {kind: shape_record(kind, shape) for kind, shape in student_shapes(recipe, teacher.clip).items()}
+    return recipe, towers_with(shapes, weights)

@@ -14,8 +14,9 @@ class DataConfig:
                                      "captions .json, or demo:digits")
     pairs: list[str] = option([], "stage2 sources: .csv/.tsv (image path + caption), COCO "
                                   "captions .json, or demo:digit_pairs")
-    image_root: str = option("", "folder that relative image paths in .csv/.tsv/.json files are "
-                                 "resolved against; '' = the file's own folder")
+    image_root: str = option("", "folder that relative image paths in data.pairs files are resolved "
+                                 "against; '' = the file's own folder, or <root>/<split>/ for a COCO file at "
+                                 "<root>/annotations/captions_<split>.json (eval.data has eval.image_root)")
     csv_image_key: str = option("filepath", "column of .csv/.tsv files holding the image path")
     csv_caption_key: str = option("title", "column of .csv/.tsv files holding the caption")
     randaugment: bool = option(True, "RandAugment without colour operations (colour hurt in the notes)")

@@ -6,13 +6,15 @@ its sample seed, so a sample's tensors depend only on (index, seed, epoch), neve
 the worker, the rank or the world size. Evaluation keys are plain indices (no randomness:
 the eval transform is deterministic and the first caption is used).
 
-A sample whose image cannot be read comes back as ``{"index": i, "skipped": True}``;
-`collate` drops it and counts it, so training logs it and goes on.
+A sample whose image cannot be used comes back as ``{"index": i, "skipped": reason, "source":
+spec}`` (``reason`` from `sources.SKIP_REASONS`, ``spec`` the recipe source of the entry);
+`collate` drops it and counts it per reason and per source, so training logs it and goes on.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,8 +62,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: Key) -> dict[str, Any]:
         index, seed = _split(key)
         image = self.source.load(index)
-        if image is None:
-            return {"index": index, "skipped": True}
+        if isinstance(image, str):
+            return {"index": index, "skipped": image, "source": self.source.source_of(index)}
         return {"index": index, "image": _seeded(seed, lambda: self.transform(image))}
 
 
@@ -94,7 +96,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
         sample = self.images[key]
-        if sample.get("skipped"):
+        if "skipped" in sample:
             return sample
         index, seed = _split(key)
         captions = self.source.captions[index]
@@ -103,11 +105,15 @@ class PairDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the readable samples: ``{"index": long (B,), "image"?: (B, 3, S, S), "text"?:
-    (B, ctx), "skipped": int}``; B may be 0 when every sample of the micro-batch was skipped."""
-    good = [s for s in samples if not s.get("skipped")]
+    """Stack the usable samples: ``{"index": long (B,), "image"?: (B, 3, S, S), "text"?:
+    (B, ctx), "skipped": int, "skip_reasons": {reason: n}, "skip_sources": {spec: n}}``; B may
+    be 0 when every sample of the micro-batch was skipped."""
+    good = [s for s in samples if "skipped" not in s]
+    skipped = [s for s in samples if "skipped" in s]
     batch: dict[str, Any] = {"index": torch.tensor([s["index"] for s in good], dtype=torch.long),
-                             "skipped": len(samples) - len(good)}
+                             "skipped": len(skipped),
+                             "skip_reasons": dict(Counter(s["skipped"] for s in skipped)),
+                             "skip_sources": dict(Counter(s["source"] for s in skipped))}
     for name in ("image", "text"):
         if good and name in good[0]:
             batch[name] = torch.stack([s[name] for s in good])

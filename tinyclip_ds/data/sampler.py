@@ -12,8 +12,11 @@ each with the same augmentation (its sample seed depends on ``(seed, epoch, inde
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -94,16 +97,92 @@ class GlobalBatchSampler:
             position += 1
 
 
-def ignore_preemption_signals(worker_id: int) -> None:
-    """Data-loader workers ignore SIGTERM/SIGINT: schedulers signal every process of a job, and
-    the training process must outlive its workers to save a checkpoint (it ends them itself)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+WORKER_GRACE_S = 60.0
+"""How long a data-loader worker that got SIGTERM/SIGINT keeps waiting for work (see `TrainBatches`)."""
+
+_last_sample = [0.0]  # in a worker process: time.monotonic() of its latest sample or signal
 
 
-def train_loader(dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
-    """An endless loader of collated micro-batches in ``sampler``'s order. Worker seeding does
-    not matter: each sample's randomness comes from its sample seed."""
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=ignore_preemption_signals)
+def _handle_preemption_signals(worker_id: int) -> None:
+    """worker_init_fn: SIGTERM/SIGINT do not stop a worker at once. Schedulers signal every
+    process of a job, and the pre-empted rank still needs its workers for the rest of its step
+    (it then stops them itself). The worker only exits once its rank is gone or has asked it for
+    nothing for `WORKER_GRACE_S` seconds, so no worker outlives an exiting rank for long (at exit
+    Python's multiprocessing signals its workers with SIGTERM, then waits for them)."""
+    parent = os.getppid()
+    watcher = threading.Thread(target=_exit_when_unneeded, args=(parent,), daemon=True)
+
+    def on_signal(signum, frame) -> None:
+        _last_sample[0] = time.monotonic()  # the grace period starts now at the earliest
+        if watcher.ident is None:  # not started yet
+            watcher.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _exit_when_unneeded(parent: int) -> None:
+    """Exit this worker once ``parent`` is gone or has asked for no sample for `WORKER_GRACE_S`."""
+    while os.getppid() == parent and time.monotonic() - _last_sample[0] < WORKER_GRACE_S:
+        time.sleep(1.0)
+    # No batch is half-sent: the rank is gone or asked for nothing. Status 0, which PyTorch's
+    # SIGCHLD check does not treat as a failure; a rank that still asks for a batch is told the
+    # worker is gone.
+    os._exit(0)
+
+
+class _NotingSamples(Dataset):
+    """``dataset``, noting in each worker when it last produced a sample (for the grace period)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        _last_sample[0] = time.monotonic()
+        return self.dataset[key]
+
+
+class TrainBatches:
+    """This rank's endless collated micro-batches of ``dataset`` in ``sampler``'s order, read by
+    ``num_workers`` worker processes (0 = in this process). Worker seeding does not matter: each
+    sample's randomness comes from its sample seed. ``on_batch`` sees every batch.
+
+    `close` stops the workers; the training loop calls it on every way out. PyTorch would only
+    stop them when its iterator is garbage-collected, which a reference cycle or a traceback
+    delays past interpreter exit, where multiprocessing's SIGTERM does not stop them (see
+    `_handle_preemption_signals`) and its join would wait for them forever."""
+
+    def __init__(self, dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int,
+                 on_batch: Callable[[dict], None] | None = None) -> None:
+        self.loader = DataLoader(_NotingSamples(dataset), batch_sampler=sampler, collate_fn=collate,
+                                 num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=_handle_preemption_signals)
+        self.on_batch = on_batch
+        self._iterator = None  # started at the first batch
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes the way PyTorch does when its iterator is collected: they
+        see the done event, finish and exit (PyTorch has no public call for it). Idempotent."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def train_loader(dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int,
+                 on_batch: Callable[[dict], None] | None = None) -> TrainBatches:
+    """The training batches of ``dataset`` in ``sampler``'s order (see `TrainBatches`)."""
+    return TrainBatches(dataset, sampler, num_workers, on_batch)

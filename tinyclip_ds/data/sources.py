@@ -2,21 +2,35 @@
 
 Spec strings (``data.images``, ``data.captions``, ``data.pairs``, ``eval.data``,
 ``eval.zeroshot``) are resolved here into plain in-memory indexes: lists of image entries
-(file paths, or PIL images for the demo) and captions. Image files are only opened when a
-sample is loaded; a file that cannot be read is reported then (``None``), not here.
-Every problem a user can cause is a `RecipeError` naming the recipe key.
+(file paths, or PIL images for the demo) and captions. Every problem a user can cause while
+indexing is a `RecipeError` naming the recipe key (and the file and line where there is one).
+
+Image folders hold images by extension (`IMAGE_EXTENSIONS`, any case); other files (such as
+img2dataset's ``.txt``/``.json`` sidecars) are left out and counted in ``ImageSource.ignored``.
+Text files (.txt, .csv, .tsv, .json) are UTF-8, with or without a byte-order mark. A .tsv is
+read without quoting (CC3M and img2dataset write captions with bare quotes); a .csv with
+standard quoting. A row whose field count differs from the header, that spans several lines
+(an unmatched quote), or without an image path is left out and its line recorded in
+``PairSource.bad_rows``; a file where that is most rows is an error.
+
+Image files are only opened when a sample is loaded. A file that cannot be used then is not
+an error: `load_image` returns the reason instead of the image, one of `SKIP_REASONS`.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import logging
-from collections.abc import Sequence
+import os
+import stat
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tinyclip_ds.config import RecipeError
 
@@ -25,38 +39,107 @@ log = logging.getLogger(__name__)
 ImageEntry = Path | Image.Image
 """An image file (opened when loaded) or an image already in memory (demo data)."""
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""What makes a file in an image folder an image (compared lower-cased)."""
+
+SKIP_REASONS = {
+    "missing_file": "no file at this path (or a symlink whose target is gone)",
+    "not_a_file": "the path is a directory or another non-regular file",
+    "zero_byte": "the file is empty (an interrupted download or copy?)",
+    "unreadable": "the operating system refused to read the file (permissions, I/O error)",
+    "not_an_image": "the content is not an image format Pillow knows",
+    "truncated": "the image format is recognised but its data is cut short or damaged",
+    "too_large": "more pixels than Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS)",
+}
+"""Why an image entry cannot be used: the reasons `load_image` returns."""
+
 _IMAGE_SPECS = "an image folder (searched recursively) or demo:digits"
 _CAPTION_SPECS = ".txt (one caption a line), COCO captions .json, or demo:digits"
 _PAIR_SPECS = (".csv / .tsv (a header row naming the image-path and caption columns), COCO captions "
                ".json, or demo:digit_pairs")
 _CLASS_SPECS = "a folder with one sub-folder per class, or demo:digits"
 
+_reported: set[str] = set()  # files this process has already warned about
 
-def load_image(entry: ImageEntry) -> Image.Image | None:
-    """The image, decoded; ``None`` (with a warning) when the file cannot be read."""
+
+def load_image(entry: ImageEntry) -> Image.Image | str:
+    """The image, decoded (in its own mode; `transforms.to_rgb` makes it RGB), or the reason it
+    cannot be used (a key of `SKIP_REASONS`; warned about once per process). Never raises for
+    a bad file."""
     if isinstance(entry, Image.Image):
         return entry
+    decoded = _decode(entry)
+    if isinstance(decoded, Image.Image):
+        return decoded
+    reason, detail = decoded
+    if str(entry) not in _reported:
+        _reported.add(str(entry))
+        log.warning("skipping image %s (%s): %s", entry, reason, detail or SKIP_REASONS[reason])
+    return reason
+
+
+def _decode(path: Path) -> Image.Image | tuple[str, str]:
+    """The decoded image, or ``(reason, what went wrong)``."""
     try:
-        image = Image.open(entry)
-        image.load()  # decode now, so truncated or corrupt files fail here and not in a transform
-        return image
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        log.warning("skipping unreadable image %s: %s", entry, error)
-        return None
+        info = os.stat(path)  # before opening: opening a FIFO named like an image would block
+        if not stat.S_ISREG(info.st_mode):
+            return "not_a_file", ""
+        if info.st_size == 0:
+            return "zero_byte", ""
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return "missing_file", ""
+    except OSError as error:
+        return "unreadable", str(error)
+    with file:  # closed however decoding ends
+        try:
+            image = Image.open(file)
+            image.load()  # decode now, so truncated or corrupt files fail here and not in a transform
+            return image
+        except Image.DecompressionBombError as error:
+            return "too_large", str(error)
+        except UnidentifiedImageError:
+            return "not_an_image", ""
+        except Exception as error:  # noqa: BLE001 - decoders of damaged data raise OSError, SyntaxError, ValueError, ...
+            return "truncated", f"{type(error).__name__}: {error}"
 
 
 @dataclass
 class ImageSource:
-    """An indexable list of images."""
+    """An indexable list of images, made of the parts of one or more specs."""
 
     entries: list[ImageEntry] = field(default_factory=list)
+    specs: list[str] = field(default_factory=list, kw_only=True)  # the spec of each part, in order
+    starts: list[int] = field(default_factory=list, kw_only=True)  # the index of each part's first entry
+    ignored: Counter[str] = field(default_factory=Counter, kw_only=True)
+    """Files in image folders that are not images, by lower-cased extension ('' = none)."""
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, index: int) -> Image.Image | None:
-        """Image ``index``, or ``None`` when its file cannot be read (never raises for one)."""
+    def add(self, spec: str, entries: list[ImageEntry]) -> None:
+        """Append the entries of ``spec`` as a new part."""
+        self.starts.append(len(self.entries))
+        self.specs.append(spec)
+        self.entries += entries
+
+    def source_of(self, index: int) -> str:
+        """The spec entry ``index`` came from ('' for entries given without one)."""
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.specs[part] if part >= 0 else ""
+
+    def load(self, index: int) -> Image.Image | str:
+        """Image ``index``, or the reason it cannot be used (see `load_image`; never raises for one)."""
         return load_image(self.entries[index])
+
+    def summary(self) -> str:
+        """One line for the run's log: how many images, and which files were left out."""
+        line = f"{len(self)} images"
+        if self.ignored:
+            most_first = sorted(self.ignored.items(), key=lambda item: (-item[1], item[0]))
+            counts = ", ".join(f"{ext or 'no extension'}: {n}" for ext, n in most_first)
+            line += f", {sum(self.ignored.values())} other files ignored ({counts})"
+        return line
 
 
 @dataclass
@@ -64,14 +147,24 @@ class PairSource(ImageSource):
     """Images with all their captions: ``captions[i]`` are the captions of image ``i``."""
 
     captions: list[list[str]] = field(default_factory=list)
+    bad_rows: dict[str, list[int]] = field(default_factory=dict)
+    """Malformed .csv/.tsv rows left out: the first line of each, per file."""
+
+    def summary(self) -> str:
+        """One line for the run's log: images, captions and the rows left out."""
+        line = f"{len(self)} images with {sum(map(len, self.captions))} captions"
+        for path, lines in self.bad_rows.items():
+            line += f"; {path}: {len(lines)} malformed rows skipped (lines {_some(lines)})"
+        return line
 
 
 # --------------------------------------------------------------------------- training sources
 
 def image_source(specs: str | Sequence[str], key: str = "data.images") -> ImageSource:
-    """Images of one spec or of several concatenated: an image folder (every file below it,
-    recursively, in sorted path order), ``demo:digits`` (the train-split single digits) or
-    ``demo:digit_pairs`` (the train digit-pair images, without their captions)."""
+    """Images of one spec or of several concatenated: an image folder (every image file below
+    it, recursively, in sorted path order; other files are counted in ``ignored``),
+    ``demo:digits`` (the train-split single digits) or ``demo:digit_pairs`` (the train
+    digit-pair images, without their captions)."""
     source = ImageSource()
     for spec, spec_key in _each_spec(specs, key):
         if _is_demo(spec):
@@ -82,9 +175,10 @@ def image_source(specs: str | Sequence[str], key: str = "data.images") -> ImageS
             path = _existing_path(spec, spec_key, _IMAGE_SPECS)
             if not path.is_dir():
                 raise RecipeError(f"'{spec_key}': {path} is a file; image sources are {_IMAGE_SPECS}")
-            entries = _files_below(path)
-        _require_some(entries, spec, spec_key, "images")
-        source.entries += entries
+            entries, ignored = _images_below(path)
+            _require_images(entries, ignored, spec, spec_key)
+            source.ignored += ignored
+        source.add(spec, entries)
     return source
 
 
@@ -101,9 +195,10 @@ def caption_source(specs: str | Sequence[str], key: str = "data.captions") -> li
             path = _existing_path(spec, spec_key, _CAPTION_SPECS)
             suffix = path.suffix.lower()
             if suffix == ".txt" and path.is_file():
-                found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                found = [line.strip() for line in _text_lines(path, spec_key) if line.strip()]
             elif suffix == ".json" and path.is_file():
-                found = [a["caption"].strip() for a in _read_coco(path, spec_key)["annotations"]]
+                annotations = _coco_annotations(_read_coco(path, spec_key), path, spec_key, ("caption",))
+                found = [annotation["caption"].strip() for annotation in annotations]
             else:
                 raise RecipeError(f"'{spec_key}': cannot read captions from {path}; accepted: {_CAPTION_SPECS}")
         _require_some(found, spec, spec_key, "captions")
@@ -117,14 +212,17 @@ def pair_source(specs: str | Sequence[str], image_root: str = "", csv_image_key:
 
     ``.csv``/``.tsv``: a header row; the columns ``csv_image_key`` and ``csv_caption_key``;
     rows naming the same image add captions to it. COCO captions ``.json``: every caption of
-    each image. Relative image paths are resolved against ``image_root`` ('' = the file's
-    folder). ``demo:digit_pairs``: the train digit pairs.
+    each image. Relative image paths are resolved against ``image_root``; with '' against the
+    file's folder, or, for a COCO file laid out as COCO ships it
+    (``<root>/annotations/captions_<split>.json``), against ``<root>/<split>/``.
+    ``demo:digit_pairs``: the train digit pairs.
     """
     source = PairSource()
     for spec, spec_key in _each_spec(specs, key):
         part = _pairs(spec, spec_key, image_root, csv_image_key, csv_caption_key, split="train")
-        source.entries += part.entries
+        source.add(spec, part.entries)
         source.captions += part.captions
+        source.bad_rows.update(part.bad_rows)
     return source
 
 
@@ -132,34 +230,38 @@ def pair_source(specs: str | Sequence[str], image_root: str = "", csv_image_key:
 
 def eval_pairs(spec: str, image_root: str = "", csv_image_key: str = "filepath",
                csv_caption_key: str = "title", key: str = "eval.data"
-               ) -> tuple[ImageSource, list[str], list[int]]:
+               ) -> tuple[PairSource, list[str], list[int]]:
     """A retrieval set with every caption: ``(images, captions, text_to_image)`` where
     ``text_to_image[j]`` is the index of the image caption ``j`` describes (COCO: 5 per image).
 
-    Takes the pair specs of `pair_source`; ``demo:digit_pairs`` are the 100 held-out pairs and
-    ``demo:digits`` the held-out single digits, each with the first template's caption.
+    Takes the pair specs of `pair_source` (image paths resolved the same way); ``demo:digit_pairs``
+    are the 100 held-out pairs and ``demo:digits`` the held-out single digits, each with the
+    first template's caption.
     """
     pairs = _pairs(spec, key, image_root, csv_image_key, csv_caption_key, split="heldout")
     captions = [caption for per_image in pairs.captions for caption in per_image]
     text_to_image = [i for i, per_image in enumerate(pairs.captions) for _ in per_image]
-    return ImageSource(pairs.entries), captions, text_to_image
+    return pairs, captions, text_to_image
 
 
 def classification_source(spec: str, key: str = "eval.zeroshot"
                           ) -> tuple[ImageSource, list[int], list[str], list[str] | None]:
     """A zero-shot set: ``(images, labels, classnames, templates)``.
 
-    A folder with one sub-folder per class (its files, recursively, are that class's images):
-    class names are the sub-folder names with '_' read as ' ', or the lines of a
-    ``classnames.txt`` beside the sub-folders (one per sub-folder, in sorted order); templates
-    are ``None`` (the evaluator's ``eval.templates`` apply). ``demo:digits``: the held-out
-    single digits, their names and the demo's own templates.
+    A folder with one sub-folder per class (its image files, recursively, are that class's
+    images; other files are counted in ``images.ignored``): class names are the sub-folder
+    names with '_' read as ' ', or the lines of a ``classnames.txt`` beside the sub-folders
+    (one per sub-folder, in sorted order); templates are ``None`` (the evaluator's
+    ``eval.templates`` apply). ``demo:digits``: the held-out single digits, their names and
+    the demo's own templates.
     """
     if _is_demo(spec):
         digits = _demo(spec, key, {"demo:digits"})
         held_out = digits.digit_images("heldout")
-        return (ImageSource([image for image, _ in held_out]), [label for _, label in held_out],
-                list(digits.DIGIT_NAMES), list(digits.SINGLE_TEMPLATES))
+        images = ImageSource()
+        images.add(spec, [image for image, _ in held_out])
+        return (images, [label for _, label in held_out], list(digits.DIGIT_NAMES),
+                list(digits.SINGLE_TEMPLATES))
     root = _existing_path(spec, key, _CLASS_SPECS)
     if not root.is_dir():
         raise RecipeError(f"'{key}': {root} is a file; a zero-shot set is {_CLASS_SPECS}")
@@ -169,17 +271,18 @@ def classification_source(spec: str, key: str = "eval.zeroshot"
     classnames = [folder.name.replace("_", " ") for folder in folders]
     names_file = root / "classnames.txt"
     if names_file.is_file():
-        classnames = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        classnames = [line.strip() for line in _text_lines(names_file, key) if line.strip()]
         if len(classnames) != len(folders):
             raise RecipeError(f"'{key}': {names_file} has {len(classnames)} names but {root} has "
                               f"{len(folders)} class folders; give one name per folder, in sorted folder order")
     images = ImageSource()
     labels: list[int] = []
     for label, folder in enumerate(folders):
-        files = _files_below(folder)
-        images.entries += files
+        files, ignored = _images_below(folder)
+        images.add(spec, files)
+        images.ignored += ignored
         labels += [label] * len(files)
-    _require_some(images.entries, spec, key, "images")
+    _require_images(images.entries, images.ignored, spec, key)
     return images, labels, classnames, None
 
 
@@ -187,22 +290,27 @@ def classification_source(spec: str, key: str = "eval.zeroshot"
 
 def _pairs(spec: str, key: str, image_root: str, csv_image_key: str, csv_caption_key: str,
            split: str) -> PairSource:
-    """The pairs of one spec; ``split`` picks the demo's train or held-out part."""
+    """The pairs of one spec, as one part; ``split`` picks the demo's train or held-out part."""
+    source = PairSource()
     if _is_demo(spec):
         digits = _demo(spec, key, {"demo:digit_pairs", "demo:digits"} if split == "heldout"
                        else {"demo:digit_pairs"})
         if spec == "demo:digits":
             template = digits.SINGLE_TEMPLATES[0]
             singles = digits.digit_images(split)
-            return PairSource([image for image, _ in singles],
-                              [[template.format(digits.DIGIT_NAMES[label])] for _, label in singles])
-        pairs = digits.digit_pairs(split)
-        return PairSource([image for image, _ in pairs], [[caption] for _, caption in pairs])
+            source.add(spec, [image for image, _ in singles])
+            source.captions = [[template.format(digits.DIGIT_NAMES[label])] for _, label in singles]
+        else:
+            pairs = digits.digit_pairs(split)
+            source.add(spec, [image for image, _ in pairs])
+            source.captions = [[caption] for _, caption in pairs]
+        return source
     path = _existing_path(spec, key, _PAIR_SPECS)
-    root = Path(image_root).expanduser() if image_root else path.parent
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv") and path.is_file():
-        rows = _table_rows(path, key, csv_image_key, csv_caption_key)
+        rows, bad_lines = _table_rows(path, key, csv_image_key, csv_caption_key)
+        if bad_lines:
+            source.bad_rows[str(path)] = bad_lines
     elif suffix == ".json" and path.is_file():
         rows = _coco_rows(path, key)
     else:
@@ -211,21 +319,55 @@ def _pairs(spec: str, key: str, image_root: str, csv_image_key: str, csv_caption
     for image, caption in rows:
         grouped.setdefault(image, []).append(caption)
     _require_some(grouped, spec, key, "image-caption pairs")
-    return PairSource([root / image for image in grouped], list(grouped.values()))
+    root = Path(image_root).expanduser() if image_root else _own_image_root(path)
+    source.add(spec, [root / image for image in grouped])
+    source.captions = list(grouped.values())
+    return source
 
 
-def _table_rows(path: Path, key: str, image_key: str, caption_key: str) -> list[tuple[str, str]]:
-    """``(image path, caption)`` of every row of a .csv/.tsv file with a header row."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", restval="")
-        columns = reader.fieldnames or []
-        for wanted, setting in ((image_key, "data.csv_image_key"), (caption_key, "data.csv_caption_key")):
-            if wanted not in columns:
-                raise RecipeError(
-                    f"'{key}': {path} has no column '{wanted}' (named by '{setting}'); columns found: "
-                    f"{', '.join(repr(c) for c in columns) or 'none'}. Set 'data.csv_image_key' and "
-                    f"'data.csv_caption_key' to the image-path and caption columns")
-        return [(row[image_key], row[caption_key].strip()) for row in reader]
+def _own_image_root(path: Path) -> Path:
+    """Where the images of a pairs file are when no image root is given: ``<root>/<split>/`` for
+    a COCO file laid out as COCO ships it (``<root>/annotations/captions_<split>.json``),
+    otherwise the file's own folder."""
+    split = path.stem.removeprefix("captions_")
+    if (path.suffix.lower() == ".json" and path.parent.name == "annotations" and split != path.stem
+            and (path.parent.parent / split).is_dir()):
+        return path.parent.parent / split
+    return path.parent
+
+
+def _table_rows(path: Path, key: str, image_key: str, caption_key: str
+                ) -> tuple[list[tuple[str, str]], list[int]]:
+    """``(image path, caption)`` of every well-formed row of a .csv/.tsv file with a header
+    row, and the first line of each malformed row (left out). A .tsv has no quoting."""
+    tsv = path.suffix.lower() == ".tsv"
+    lines = _text_lines(path, key)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(lines)
+    columns = next(reader, [])
+    for wanted, setting in ((image_key, "data.csv_image_key"), (caption_key, "data.csv_caption_key")):
+        if wanted not in columns:
+            raise RecipeError(
+                f"'{key}': {path} has no column '{wanted}' (named by '{setting}'); columns found: "
+                f"{', '.join(repr(c) for c in columns) or 'none'}. Set 'data.csv_image_key' and "
+                f"'data.csv_caption_key' to the image-path and caption columns")
+    image_column, caption_column = columns.index(image_key), columns.index(caption_key)
+    rows: list[tuple[str, str]] = []
+    bad_lines: list[int] = []
+    first_line = reader.line_num + 1
+    for row in reader:
+        # A field over several lines is an unmatched quote that swallowed the rows after it.
+        if len(row) != len(columns) or not row[image_column] or any("\n" in value for value in row):
+            bad_lines.append(first_line)
+        else:
+            rows.append((row[image_column], row[caption_column].strip()))
+        first_line = reader.line_num + 1
+    if len(bad_lines) > len(rows):
+        layout = "a .tsv is tab-separated, unquoted" if tsv else "a .csv is comma-separated, with standard quoting"
+        raise RecipeError(
+            f"'{key}': {path}: {len(bad_lines)} of {len(bad_lines) + len(rows)} rows are malformed (lines "
+            f"{_some(bad_lines)}: a field count other than the header's {len(columns)}, a field over several "
+            f"lines or no image path); {layout}: check the file's delimiter and quotes")
+    return rows, bad_lines
 
 
 def _coco_rows(path: Path, key: str) -> list[tuple[str, str]]:
@@ -235,17 +377,36 @@ def _coco_rows(path: Path, key: str) -> list[tuple[str, str]]:
         raise RecipeError(f"'{key}': {path} has no \"images\" list; image-caption pairs need a COCO "
                           f"captions file with both \"images\" and \"annotations\"")
     by_image: dict[int, list[str]] = {}
-    for annotation in data["annotations"]:
+    for annotation in _coco_annotations(data, path, key, ("image_id", "caption")):
         by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
-    return [(image["file_name"], caption) for image in data["images"]
-            for caption in by_image.get(image["id"], [])]
+    rows = []
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise RecipeError(f"'{key}': {path}: \"images\"[{i}] has no \"id\" and \"file_name\"; "
+                              f"a COCO captions file lists each image as {{\"id\": ..., \"file_name\": ...}}")
+        rows += [(image["file_name"], caption) for caption in by_image.get(image["id"], [])]
+    return rows
+
+
+def _coco_annotations(data: dict, path: Path, key: str, fields: tuple[str, ...]) -> list[dict]:
+    """The "annotations" of a COCO captions file, each checked to hold ``fields`` (a
+    "caption" must be text)."""
+    for i, annotation in enumerate(data["annotations"]):
+        if (not isinstance(annotation, dict) or any(name not in annotation for name in fields)
+                or not isinstance(annotation.get("caption", ""), str)):
+            raise RecipeError(f"'{key}': {path}: \"annotations\"[{i}] has no {' and '.join(map(repr, fields))} "
+                              f"(found {json.dumps(annotation)[:80]}); a COCO captions file has "
+                              f"{{\"image_id\": ..., \"caption\": \"...\"}} per annotation")
+    return data["annotations"]
 
 
 def _read_coco(path: Path, key: str) -> dict:
     """A COCO captions file (a mapping with an "annotations" list)."""
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, key, raw[:error.start].count(b"\n") + 1) from None
     except json.JSONDecodeError as error:
         raise RecipeError(f"'{key}': {path} is not valid JSON ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -253,10 +414,54 @@ def _read_coco(path: Path, key: str) -> dict:
     return data
 
 
-def _files_below(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, recursively, in sorted path order."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _text_lines(path: Path, key: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped), decoded one at a time
+    so that a line in another encoding is reported by number."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise _not_utf8(path, key, number) from None
+
+
+def _not_utf8(path: Path, key: str, line: int) -> RecipeError:
+    return RecipeError(f"'{key}': {path} line {line} is not UTF-8 text; re-save the file as UTF-8 "
+                       f"(e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})")
+
+
+def _images_below(folder: Path) -> tuple[list[Path], Counter[str]]:
+    """The image files below ``folder`` (by extension), recursively, in sorted path order, and
+    the other files counted by extension. Hidden files and folders (names starting with '.',
+    such as macOS's ``._x.jpg``) are tool metadata: left out and not counted; symlinked
+    folders are not followed."""
+    images: list[Path] = []
+    others: Counter[str] = Counter()
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            extension = os.path.splitext(name)[1].lower()
+            if extension in IMAGE_EXTENSIONS:
+                images.append(Path(directory, name))
+            else:
+                others[extension] += 1
+    return sorted(images), others
+
+
+def _require_images(files: list[ImageEntry], ignored: Counter[str], spec: str, key: str) -> None:
+    if not files:
+        others = (f", only {sum(ignored.values())} other files ({', '.join(ext or 'no extension' for ext in ignored)})"
+                  if ignored else "")
+        raise RecipeError(f"'{key}': {spec} contains no images{others}; images are "
+                          f"{', '.join(sorted(IMAGE_EXTENSIONS))} files")
+
+
+def _some(numbers: list[int], shown: int = 5) -> str:
+    """``1, 4, 9`` or ``1, 4, 9, 12, 20, ... (8 in all)``."""
+    text = ", ".join(map(str, numbers[:shown]))
+    return text + (f", ... ({len(numbers)} in all)" if len(numbers) > shown else "")
 
 
 def _each_spec(specs: str | Sequence[str], key: str) -> list[tuple[str, str]]:

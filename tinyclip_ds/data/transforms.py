@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -27,8 +28,18 @@ class GeometricRandAugment(T.RandAugment):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, RGBA, CMYK, ...) as RGB."""
-    return image.convert("RGB")
+    """Any PIL mode as 8-bit RGB. Integer greyscale (16-bit PNG and TIFF: I;16*, I) keeps its
+    top 8 of 16 bits: Pillow's own conversion clips it at 255, which turns almost every pixel
+    white. Transparent pixels (RGBA, LA, PA, a palette or colour key with transparency) are
+    composited on white, as Hugging Face's CLIP preprocessing does: the colour under alpha 0 is
+    often black or noise. Other modes (L, P, CMYK, YCbCr, ...) convert as Pillow does."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        eight_bit = (np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:

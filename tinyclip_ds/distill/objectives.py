@@ -222,6 +222,8 @@ class Stage2Objective:
         """s, t: `Features` of the whole gathered batch (student, teacher); logit_scale: the
         student's exponentiated scale; rows: LongTensor of this rank's row positions."""
         cfg = self.cfg
+        if s.image.shape[0] == 0:  # a wholly unusable batch (the training loop skips those): no loss
+            return s.image.sum() * 0.0, {}
         share = len(rows) / s.image.shape[0]
         values: dict[str, Tensor] = {}
         weighted = []

@@ -14,12 +14,15 @@ stage 1 a student side is paired with the teacher's other side; in stage 2 both 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import Tensor
 
 from tinyclip_ds.config import RecipeError, option
@@ -40,6 +43,9 @@ class EvalConfig:
     every: int = option(500, "evaluate every this many optimizer steps (and always at the end); 0 = end only")
     data: str = option("", "paired validation set for retrieval: .csv/.tsv, COCO .json or "
                            "demo:digits / demo:digit_pairs; '' = no retrieval eval")
+    image_root: str = option("", "folder that relative image paths in eval.data are resolved against; "
+                                 "'' = the file's own folder, or <root>/<split>/ for a COCO file at "
+                                 "<root>/annotations/captions_<split>.json")
     zeroshot: str = option("", "classification set for zero-shot accuracy: a folder with one "
                                "sub-folder per class, or demo:digits; '' = none")
     templates: str = option("default", "zero-shot prompt templates: 'default' (the set's own, "
@@ -61,7 +67,10 @@ class TextSide:
 
 
 class Evaluator:
-    """The recipe's validation sets, loaded once; embeds them with any pair of encoders."""
+    """The recipe's validation sets, loaded once; embeds them with any pair of encoders.
+
+    Every image of the sets is decoded once when it is built, so a missing or broken file stops
+    the run at start rather than at its first evaluation, after training."""
 
     def __init__(self, cfg: EvalConfig, data: DataConfig, image_size: int, mean, std, tokenizer,
                  device: torch.device):
@@ -71,14 +80,16 @@ class Evaluator:
         self.transform = eval_transform(image_size, mean, std)
         self.retrieval = None
         if cfg.data:
-            self.retrieval = eval_pairs(cfg.data, data.image_root, data.csv_image_key,
+            self.retrieval = eval_pairs(cfg.data, cfg.image_root, data.csv_image_key,
                                         data.csv_caption_key, key="eval.data")
+            check_images(self.retrieval[0], "eval.data")
         self.zeroshot = None
         self.templates: list[str] = []
         if cfg.zeroshot:
             images, labels, classnames, own_templates = classification_source(cfg.zeroshot)
             self.zeroshot = (images, torch.tensor(labels), classnames)
             self.templates = resolve_templates(cfg.templates, own_templates)
+            check_images(images, "eval.zeroshot")
 
     @property
     def enabled(self) -> bool:
@@ -127,9 +138,8 @@ class Evaluator:
             images = []
             for i in indices:
                 image = source.load(i)
-                if image is None:
-                    raise RecipeError(f"'{key}': evaluation image {source.entries[i]} cannot be read; "
-                                      f"evaluation sets must be complete — fix or remove it")
+                if not isinstance(image, Image.Image):  # removed or damaged since the run started
+                    raise unusable_image(source, i, image, key)
                 images.append(self.transform(image))
             return torch.stack(images)
         return self._encode_sharded(len(source), load, encode)
@@ -159,6 +169,31 @@ class Evaluator:
             outputs.append(torch.nn.functional.normalize(embedding, dim=-1).cpu())
             indices += chunk
         return gather_by_index(torch.cat(outputs), torch.tensor(indices, dtype=torch.long), total)
+
+
+def check_images(source: ImageSource, key: str) -> None:
+    """Collective: decode every image of an evaluation set (each rank its share, in threads);
+    a `RecipeError` on every rank, naming the first bad file, if one cannot be used."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = range(rank, len(source), world)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        loaded = pool.map(lambda i: isinstance(source.load(i), Image.Image), mine)
+        first_bad = next((i for i, good in zip(mine, loaded) if not good), None)
+    bad = [first_bad]
+    if world > 1:
+        bad = [None] * world
+        dist.all_gather_object(bad, first_bad)
+    bad = [i for i in bad if i is not None]
+    if bad:
+        raise unusable_image(source, min(bad), source.load(min(bad)), key)
+
+
+def unusable_image(source: ImageSource, index: int, reason, key: str) -> RecipeError:
+    """The error for evaluation image ``index``, which `ImageSource.load` could not decode."""
+    why = f" ({reason})" if isinstance(reason, str) else ""
+    return RecipeError(f"'{key}': evaluation image {source.entries[index]} cannot be used{why}; evaluation "
+                       f"sets must be complete: fix or remove it")
 
 
 def resolve_templates(spec: str, own: list[str] | None) -> list[str]:

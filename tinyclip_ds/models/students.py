@@ -103,6 +103,56 @@ def student_shape(kind: Literal["image", "text"], teacher: TowerShape, cfg: Stud
     return teacher.replace(**changes)
 
 
+SHAPE_FIELDS = {
+    "image": ("width", "layers", "heads", "mlp_width", "output_dim", "repeat", "act", "ln_eps",
+              "image_size", "patch_size"),
+    "text": ("width", "layers", "heads", "mlp_width", "output_dim", "repeat", "act", "ln_eps",
+             "vocab_size", "context_length", "eot_token_id"),
+}
+"""The `TowerShape` fields that define a tower of each kind: two towers that agree on them have
+the same parameters and compute the same function. Dropout, a training setting, is left out;
+head count and activation change no parameter shape, which is why they must be recorded."""
+
+
+def student_shapes(recipe: Recipe, teacher_clip: Clip) -> dict[str, TowerShape]:
+    """The shapes of the student towers ``recipe`` trains, without building them."""
+    return {kind: student_shape(kind, (teacher_clip.visual if kind == "image" else teacher_clip.text).shape,
+                                getattr(recipe.student, kind), f"student.{kind}")
+            for kind in recipe.towers}
+
+
+def shape_record(kind: Literal["image", "text"], shape: TowerShape) -> dict:
+    """The defining fields of a ``kind`` tower's shape as plain JSON data (checkpoints, exports)."""
+    return {name: getattr(shape, name) for name in SHAPE_FIELDS[kind]}
+
+
+def shape_differences(kind: Literal["image", "text"], saved: dict,
+                      shape: TowerShape) -> list[tuple[str, object, object]]:
+    """``(student.<kind>.<field>, saved value, value of shape)`` for each defining field that
+    differs between a `shape_record` and ``shape``."""
+    return [(f"student.{kind}.{name}", saved[name], getattr(shape, name))
+            for name in SHAPE_FIELDS[kind] if name in saved and saved[name] != getattr(shape, name)]
+
+
+def describe_differences(differences: list[tuple[str, object, object]]) -> tuple[str, str]:
+    """``("k1=saved1, k2=saved2", "k1=now1, k2=now2")`` for messages about `shape_differences`."""
+    return (", ".join(f"{key}={saved}" for key, saved, _ in differences),
+            ", ".join(f"{key}={now}" for key, _, now in differences))
+
+
+def tower_from_record(kind: Literal["image", "text"], record: dict) -> Tower:
+    """A fresh, randomly initialised tower of the shape a `shape_record` describes."""
+    shape = TowerShape(**{name: record[name] for name in SHAPE_FIELDS[kind]})
+    return VisionTower(shape) if kind == "image" else TextTower(shape)
+
+
+def tower_parameter_shapes(kind: Literal["image", "text"], shape: TowerShape) -> dict[str, list[int]]:
+    """Every parameter name of a ``kind`` tower of ``shape`` with its shape (nothing allocated)."""
+    with torch.device("meta"):
+        tower = VisionTower(shape) if kind == "image" else TextTower(shape)
+    return {name: list(param.shape) for name, param in tower.named_parameters()}
+
+
 def embedding_names(tower: Tower) -> tuple[str, ...]:
     """Parameter names of the tower's input embeddings (what ``freeze_embed`` copies and freezes)."""
     if isinstance(tower, VisionTower):

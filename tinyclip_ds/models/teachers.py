@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import zipfile
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.jit._pickle
 from torch import Tensor, nn
 
 from tinyclip_ds.config import RecipeError, option
@@ -24,12 +26,22 @@ class TeacherConfig:
     source: Literal["demo", "openai", "open_clip", "hf"] = option(
         "demo", "where the teacher comes from: the shipped digits demo, an OpenAI CLIP "
                 "checkpoint, an open_clip model or a Hugging Face CLIPModel directory")
-    path: str = option("", "local weights: OpenAI .pt (JIT or state dict), open_clip weights file, "
-                           "or HF directory; '' for the demo's shipped weights")
+    path: str = option("", "local weights: OpenAI .pt (TorchScript archive or state dict; read "
+                           "without running code), open_clip weights file, or HF directory; '' for "
+                           "the demo's shipped weights")
     model: str = option("", "open_clip model name (e.g. ViT-B-32, ViT-B-16-quickgelu) or path to "
                             "an open_clip model config JSON; unused by other sources")
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "dtype the frozen teacher computes in (bf16 halves its memory and time on GPUs)")
+    # An OpenAI-layout file records neither activation nor head count (only the open_clip and
+    # HF configs do): these say what the file cannot, e.g. for an open_clip GELU model's weights.
+    activation: Literal["auto", "quick_gelu", "gelu"] = option(
+        "auto", "openai source only: the MLP activation; auto = the one a TorchScript archive's "
+                "code uses, else quick_gelu (OpenAI's)")
+    image_heads: int = option(0, "openai source only: image tower attention heads; 0 = width / 64 "
+                                 "(OpenAI's convention)")
+    text_heads: int = option(0, "openai source only: text tower attention heads; 0 = width / 64 "
+                                "(OpenAI's convention)")
 
 
 OPENAI_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -46,16 +58,19 @@ class Teacher(nn.Module):
 
     All parameters have ``requires_grad=False`` and the module stays in eval mode whatever
     ``train()`` is called with (a teacher left in train mode was a bug in the research notes).
+    ``assumptions`` says what the weights file could not tell and how to override it (one line
+    each, for the startup summary).
     """
 
     def __init__(self, clip: Clip, tokenizer: Tokenizer, image_mean: Sequence[float],
-                 image_std: Sequence[float]):
+                 image_std: Sequence[float], assumptions: Sequence[str] = ()):
         super().__init__()
         self.clip = clip.requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
         self.image_size = clip.visual.shape.image_size
+        self.assumptions = list(assumptions)
         self.train(False)
 
     def train(self, mode: bool = True) -> "Teacher":
@@ -78,6 +93,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     if cfg.source != "demo" and not cfg.path:
         raise RecipeError(f"teacher.path: the {cfg.source} source needs the teacher's weights "
                           f"(a file, or for hf a CLIPModel directory)")
+    check_openai_options(cfg)
+    assumptions: list[str] = []
     try:
         if cfg.source == "demo":
             from tinyclip_ds.data.digits import load_digits_teacher
@@ -85,7 +102,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
             shipped = load_digits_teacher(cfg.path) if cfg.path else load_digits_teacher()
             clip, tokenizer, mean, std = shipped
         elif cfg.source == "openai":
-            clip = load_openai(cfg.path)
+            clip, assumptions = _load_openai_assuming(cfg)
             tokenizer = ClipTokenizer(clip.text.shape.context_length)
             mean, std = OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD
         elif cfg.source == "open_clip":
@@ -102,12 +119,25 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         else:
             raise RecipeError(f"teacher.source: unknown source {cfg.source!r}; "
                               f"expected demo, openai, open_clip or hf")
-    except FileNotFoundError as error:
+    except (FileNotFoundError, pickle.UnpicklingError) as error:
         raise RecipeError(f"teacher.path: {error}") from error
     if tokenizer.vocab_size > clip.text.shape.vocab_size:
         raise RecipeError(f"teacher: the tokenizer has {tokenizer.vocab_size} tokens but the text "
                           f"tower's embedding only {clip.text.shape.vocab_size}")
-    return Teacher(clip.to(PRECISIONS[cfg.precision]), tokenizer, mean, std)
+    return Teacher(clip.to(PRECISIONS[cfg.precision]), tokenizer, mean, std, assumptions)
+
+
+def check_openai_options(cfg: TeacherConfig) -> None:
+    """Refuse the activation and head overrides for sources other than openai: they exist for
+    OpenAI-layout files only (open_clip and HF configs state both)."""
+    if cfg.source == "openai":
+        return
+    given = [f"teacher.{key}" for key, default in (("activation", "auto"), ("image_heads", 0),
+                                                   ("text_heads", 0))
+             if getattr(cfg, key) != default]
+    if given:
+        raise RecipeError(f"{', '.join(given)}: only the openai source takes these; the "
+                          f"{cfg.source} source reads them from its model config")
 
 
 # --------------------------------------------------------------------------- OpenAI / open_clip
@@ -132,9 +162,11 @@ _OPENAI_BLOCK = [
 _OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
 
 
-def load_openai(path: str | Path) -> Clip:
+def load_openai(path: str | Path, activation: str = "quick_gelu", image_heads: int = 0,
+                text_heads: int = 0) -> Clip:
     """Load an OpenAI CLIP ViT checkpoint (TorchScript archive or state dict), shapes inferred
-    from the weights as OpenAI's ``build_model`` does."""
+    from the weights as OpenAI's ``build_model`` does; the file cannot tell the ``activation``
+    or the head counts (0: width / 64, OpenAI's convention)."""
     state = read_state_dict(path)
     if any(key.startswith("visual.layer1.") for key in state):
         raise ValueError(f"{path} is a ResNet CLIP checkpoint; only ViT teachers are supported")
@@ -147,17 +179,46 @@ def load_openai(path: str | Path) -> Clip:
     patch = state["visual.conv1.weight"]
     vision_width, text_width = patch.shape[0], state["ln_final.weight"].shape[0]
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    common = dict(output_dim=state["text_projection"].shape[1], act="quick_gelu")
+    common = dict(output_dim=state["text_projection"].shape[1], act=activation)
     vision = TowerShape(width=vision_width,
                         layers=_count_layers(state, "visual.transformer.resblocks."),
-                        heads=vision_width // 64, mlp_width=4 * vision_width,
-                        patch_size=patch.shape[-1], image_size=patch.shape[-1] * grid, **common)
+                        heads=_openai_heads(vision_width, image_heads, "image_heads"),
+                        mlp_width=4 * vision_width, patch_size=patch.shape[-1],
+                        image_size=patch.shape[-1] * grid, **common)
     text = TowerShape(width=text_width, layers=_count_layers(state, "transformer.resblocks."),
-                      heads=text_width // 64, mlp_width=4 * text_width,
+                      heads=_openai_heads(text_width, text_heads, "text_heads"),
+                      mlp_width=4 * text_width,
                       vocab_size=state["token_embedding.weight"].shape[0],
                       context_length=state["positional_embedding"].shape[0],
                       eot_token_id=None, **common)
     return _build_clip(vision, text, _from_openai_names(state), str(path))
+
+
+def _openai_heads(width: int, heads: int, key: str) -> int:
+    """``heads``, or OpenAI's width / 64 for 0; a count not dividing the width is refused."""
+    if heads and width % heads:
+        raise RecipeError(f"teacher.{key}={heads} does not divide the tower's width {width}")
+    return heads or width // 64
+
+
+def _load_openai_assuming(cfg: TeacherConfig) -> tuple[Clip, list[str]]:
+    """The teacher of an OpenAI-layout file, and one line for each shape the file could not
+    tell and was assumed, with the override that changes it."""
+    activation, notes = cfg.activation, []
+    if activation == "auto":
+        activation = _torchscript_activation(Path(cfg.path))
+        if activation is None:
+            activation = "quick_gelu"
+            notes.append("activation quick_gelu (assumed: an OpenAI-layout file does not "
+                         "record it; override with --set teacher.activation=gelu, e.g. for "
+                         "open_clip GELU weights)")
+    clip = load_openai(cfg.path, activation, cfg.image_heads, cfg.text_heads)
+    for kind, tower in (("image", clip.visual), ("text", clip.text)):
+        if not getattr(cfg, f"{kind}_heads"):
+            notes.append(f"{kind} tower heads {tower.shape.heads} (assumed: width "
+                         f"{tower.shape.width} / 64, OpenAI's convention; override with "
+                         f"--set teacher.{kind}_heads=N)")
+    return clip, notes
 
 
 def load_open_clip(model: str, weights: str | Path) -> Clip:
@@ -439,14 +500,28 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
         state = load_file(path)
     elif _is_torchscript(path):
-        state = torch.jit.load(path, map_location="cpu").state_dict()
+        state = read_torchscript(path)
     else:
-        state = torch.load(path, map_location="cpu")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise pickle.UnpicklingError(f"{path}: {_refusal(error)}") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _refusal(error: pickle.UnpicklingError) -> str:
+    """Why a file was not unpickled, in one line (torch's weights-only message is long)."""
+    text = str(error)
+    found = re.search(r"GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: (.*)", text)
+    if not found:
+        return text
+    return (f"holds Python objects besides tensors and plain data ({found.group(1)}), which "
+            f"loading could run as code: not loaded. Use a state dict of tensors "
+            f"(torch.save(model.state_dict(), ...)) or safetensors")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -455,6 +530,87 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+# A TorchScript archive (OpenAI's release format) pickles its module tree in data.pkl: objects
+# of the archive's own ``__torch__.*`` classes holding tensors stored beside it. torch.jit.load
+# compiles those classes from the archive's code/ and runs it (``__setstate__``). We unpickle
+# data.pkl with torch's weights-only unpickler instead, each class standing in as an inert
+# object, and take the parameters and buffers the code's class headers list: no code runs.
+_SCRIPT_MODULE = re.compile(r"^class (\w+)\(Module\):\n  __parameters__ = \[(.*)\]"
+                            r"(?:\n  __buffers__ = \[(.*)\])?", re.MULTILINE)
+# Pure helpers that TorchScript's pickler references for typed lists and containers.
+_SCRIPT_PICKLE_HELPERS = [torch.jit._pickle.build_intlist, torch.jit._pickle.build_tensorlist,
+                          torch.jit._pickle.build_doublelist, torch.jit._pickle.build_boollist,
+                          torch.jit._pickle.restore_type_tag]
+
+
+class _ScriptObject:
+    """An inert stand-in for an object of a TorchScript archive: the pickled attributes only."""
+
+    tensor_names: tuple[str, ...] = ()  # the parameters and buffers of its class
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, dict):  # the class pickles its own state: only its code knows it
+            raise pickle.UnpicklingError(
+                f"{type(self).__module__}.{type(self).__name__} restores its state with its own "
+                f"TorchScript code, which tinyclip_ds does not run; if the file comes from a "
+                f"trusted source, convert it with "
+                f"torch.save(torch.jit.load(path).state_dict(), 'weights.pt')")
+        self.__dict__.update(state)
+
+
+def _script_modules(path: Path) -> dict[str, tuple[str, ...]]:
+    """The module classes an archive's code defines (qualified name -> its parameter and
+    buffer names), read as text."""
+    modules = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if re.search(r"/code/__torch__(/.+)?\.py$", name):
+                module = name.split("/code/", 1)[1].removesuffix(".py").replace("/", ".")
+                for cls, params, buffers in _SCRIPT_MODULE.findall(archive.read(name).decode()):
+                    modules[f"{module}.{cls}"] = tuple(re.findall(r'"(\w+)"', params + buffers))
+    return modules
+
+
+def read_torchscript(path: Path) -> dict[str, Tensor]:
+    """``torch.jit.load(path).state_dict()`` of a TorchScript archive, without running its code."""
+    # Named as in data.pkl (module path and class name), which is what allow-listing matches.
+    stand_ins = [type(name.rsplit(".", 1)[1], (_ScriptObject,),
+                      {"__module__": name.rsplit(".", 1)[0], "tensor_names": names})
+                 for name, names in _script_modules(path).items()]
+    reader = torch._C.PyTorchFileReader(str(path))
+    with torch.serialization.safe_globals(stand_ins + _SCRIPT_PICKLE_HELPERS):
+        try:  # what torch.load(weights_only=True) does, which refuses TorchScript archives
+            root = torch.serialization._load(reader, "cpu", torch._weights_only_unpickler,
+                                             encoding="utf-8")
+        except pickle.UnpicklingError as error:
+            raise pickle.UnpicklingError(f"TorchScript archive {path}: {_refusal(error)}") from None
+    if not isinstance(root, _ScriptObject):
+        raise ValueError(f"{path} holds a TorchScript {type(root).__name__}, not a module")
+    return _script_state(root)
+
+
+def _script_state(module: _ScriptObject, prefix: str = "") -> dict[str, Tensor]:
+    """The parameters and buffers of an unpickled archive module and its submodules."""
+    state = {}
+    for name, value in vars(module).items():
+        if isinstance(value, _ScriptObject):
+            state.update(_script_state(value, f"{prefix}{name}."))
+        elif name in module.tensor_names and value is not None:
+            state[prefix + name] = value
+    return state
+
+
+def _torchscript_activation(path: Path) -> str | None:
+    """The MLP activation a TorchScript archive's module classes show (QuickGELU or GELU, not
+    both), or None for another file or when they do not tell."""
+    if not _is_torchscript(path):
+        return None
+    found = {name.rsplit(".", 1)[1] for name in _script_modules(path)} & {"QuickGELU", "GELU"}
+    if len(found) != 1:
+        return None
+    return "quick_gelu" if found == {"QuickGELU"} else "gelu"
 
 
 def _rename(state: dict[str, Tensor], top: list[tuple[str, str]], towers: list[tuple[str, str]],

@@ -4,10 +4,13 @@ fields computed from the recipe and the world size so ``micro × accumulation ×
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import typing
 from pathlib import Path
 
-from tinyclip_ds.config import PROJECT_ROOT, RecipeError, deep_merge
+from tinyclip_ds.config import PROJECT_ROOT, RecipeError, deep_merge, dotted_leaves
 from tinyclip_ds.train.optim import TrainConfig
 
 DS_CONFIG_DIR = PROJECT_ROOT / "ds_configs"
@@ -55,10 +58,20 @@ def build_ds_config(ds_config: str, overrides: dict, train: TrainConfig, world_s
     """The resolved DeepSpeed config dict for a run (raises RecipeError on any contradiction)."""
     path = resolve_ds_config_path(ds_config)
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"{path} is not valid JSON: {err}") from None
-    deep_merge(config, json.loads(json.dumps(overrides)))
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path} (recipe key 'ds_config') is not valid JSON: {err}") from None
+    except OSError as err:
+        raise RecipeError(f"{path} (recipe key 'ds_config') cannot be read ({err.strerror})") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path} must hold a JSON object of DeepSpeed config keys")
+    check_keys(config, path.name, "")
+    check_keys(overrides, "recipe key 'deepspeed'", "deepspeed.")
+    try:
+        deep_merge(config, json.loads(json.dumps(overrides)))
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe key 'deepspeed': DeepSpeed config values must be JSON values "
+                          f"({err})") from None
 
     computed = dict(zip(BATCH_FIELDS, batch_sizes(train, world_size)))
     for key, value in computed.items():
@@ -78,9 +91,128 @@ def build_ds_config(ds_config: str, overrides: dict, train: TrainConfig, world_s
         if key in config:
             raise RecipeError(f"{path.name} has an '{key}' block, but the optimizer and schedule "
                               f"are built from the recipe's train.* fields; remove it")
+    deepspeed_accepts(config, path.name)
     if check_accelerator:
         check_precision(config)
     return config
+
+
+class _LookupRecorder(dict):
+    """A config dict that records every top-level key DeepSpeed's parser looks up."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.looked_up: set[str] = set()
+
+    def get(self, key, *default):
+        self.looked_up.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _RecordedKeys(self)
+
+
+class _RecordedKeys:
+    """``config.keys()`` whose ``in`` tests are recorded too (DeepSpeed uses both forms)."""
+
+    def __init__(self, recorder: _LookupRecorder):
+        self.recorder = recorder
+
+    def __contains__(self, key) -> bool:
+        return key in self.recorder
+
+    def __iter__(self):
+        return iter(dict.keys(self.recorder))
+
+
+@functools.cache
+def deepspeed_schema() -> tuple[frozenset[str], dict[str, type]]:
+    """DeepSpeed's own view of its config, taken from DeepSpeed rather than a hand-kept list:
+    the top-level keys its config parser looks up, and the pydantic model of each section it
+    validates field by field (zero_optimization, fp16, bf16 and the monitors)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = _LookupRecorder(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    parsed = DeepSpeedConfig(probe)
+    models = {"zero_optimization": type(parsed.zero_config), "fp16": type(parsed.float16_config),
+              "bf16": type(parsed.bfloat16_config)}
+    models.update({name: _as_model(field.annotation)
+                   for name, field in type(parsed.monitor_config).model_fields.items()})
+    return frozenset(probe.looked_up), models
+
+
+def check_keys(tree: dict, where: str, prefix: str) -> None:
+    """Refuse a key DeepSpeed would silently ignore: an unknown top-level key, or an unknown
+    field of a section DeepSpeed describes with a model; the error suggests the closest key."""
+    top_level, models = deepspeed_schema()
+    for dotted in dotted_leaves(tree):
+        parts = dotted.split(".")
+        valid, model = top_level, None
+        for depth, part in enumerate(parts):
+            if depth and model is None:
+                break  # a section DeepSpeed reads as a plain dict: its keys cannot be checked
+            if part not in valid:
+                close = difflib.get_close_matches(part, sorted(valid), n=1, cutoff=0.6)
+                fixed = ".".join([*parts[:depth], *close, *parts[depth + 1:]])
+                hint = (f"did you mean '{prefix}{fixed}'?" if close else
+                        f"DeepSpeed knows: {', '.join(sorted(valid))}")
+                raise RecipeError(f"unknown DeepSpeed config key '{prefix}{dotted}' (in {where}); {hint}")
+            model = models.get(part) if depth == 0 else _field_model(model, part)
+            valid = _model_keys(model) if model else set()
+
+
+def _model_keys(model: type) -> set[str]:
+    """The names a pydantic model accepts: its fields and their aliases."""
+    keys = set(model.model_fields)
+    keys |= {field.alias for field in model.model_fields.values() if field.alias}
+    return keys
+
+
+def _field_model(model: type, key: str) -> type | None:
+    """The pydantic model of a field that is itself a section (e.g. ZeRO's offload_optimizer)."""
+    field = next(f for name, f in model.model_fields.items() if key in (name, f.alias))
+    return _as_model(field.annotation)
+
+
+def _as_model(annotation) -> type | None:
+    """The pydantic model in a field's type (``Model`` or ``Optional[Model]``), if any."""
+    import pydantic
+
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+
+
+def deepspeed_accepts(config: dict, where: str) -> None:
+    """Let DeepSpeed's own config parser check the values now rather than when the engine is
+    built; what it rejects becomes a one-line RecipeError."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # The batch fields were checked above; without train_batch_size DeepSpeed derives it from
+    # the per-rank fields for whatever process group it sees (none in `check`).
+    parsed = {key: value for key, value in json.loads(json.dumps(config)).items()
+              if key != "train_batch_size"}
+    try:
+        DeepSpeedConfig(parsed)
+    except pydantic.ValidationError as err:
+        sections = {model.__name__: name for name, model in deepspeed_schema()[1].items() if model}
+        section = sections.get(err.title, err.title)
+        problems = "; ".join(f"{'.'.join(str(p) for p in (section, *e['loc']))}: {e['msg']}"
+                             for e in err.errors())
+        raise RecipeError(f"DeepSpeed rejects the config ({where} with the deepspeed.* overrides): "
+                          f"{problems}") from err
+    except Exception as err:  # DeepSpeed's parser asserts and raises many types on bad values
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise RecipeError(f"DeepSpeed rejects the config ({where} with the deepspeed.* overrides): "
+                          f"{message}") from err
 
 
 def precision(config: dict) -> str:

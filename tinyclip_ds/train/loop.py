@@ -1,6 +1,7 @@
 """The outer training loop both stages share: optimizer steps, logging, evaluation,
-checkpoints, non-finite losses and pre-emption signals. A stage supplies ``one_step`` (the
-micro-batches of one optimizer step) and ``evaluate``; everything around them lives here.
+checkpoints, non-finite losses, unusable data, pre-emption signals and stopping the data-loader
+workers. A stage supplies ``one_step`` (the micro-batches of one optimizer step) and
+``evaluate``; everything around them lives here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
+from tinyclip_ds.config import RecipeError
+from tinyclip_ds.data.sampler import GlobalBatchSampler, TrainBatches, train_loader
 from tinyclip_ds.data.transforms import train_transform
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.deepspeed_config import batch_sizes
+from tinyclip_ds.train.monitor import significant
 from tinyclip_ds.train.optim import build_optimizer
 
 
@@ -32,16 +35,19 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     samples_consumed: int = 0  # training samples drawn over all ranks (the data position)
-    skipped_samples: int = 0  # unreadable samples over all ranks
+    skipped_samples: int = 0  # unusable samples over all ranks
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # the same, per reason
     skipped_batches: int = 0  # micro-batches dropped for a non-finite loss
     nonfinite_in_a_row: int = 0
+    unusable_in_a_row: int = 0  # batches in a row without enough usable samples
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        """The state saved in a checkpoint; fields newer than the checkpoint start at their defaults."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 @dataclass
@@ -51,19 +57,21 @@ class StepResult:
     loss: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
     samples: int = 0  # samples this rank used in the step
+    grad_norm: float | None = None  # measured by `engine_step` where DeepSpeed does not report it
     stopped: bool = False  # too many non-finite losses in a row: stop the run
 
 
-def training_batches(run, dataset, state: TrainState) -> tuple[Iterator[dict], int, int]:
+def training_batches(run, dataset, state: TrainState) -> tuple[TrainBatches, int, int]:
     """``(batches, micro, accumulation)``: this rank's endless micro-batches of ``dataset``,
     continuing from the data position in ``state`` (samples consumed over all ranks, so it
-    holds for any world size with the same global batch)."""
+    holds for any world size with the same global batch). Give the batches to `Trainer`, which
+    stops their loader workers however training ends."""
     micro, accumulation, global_batch = batch_sizes(run.recipe.train, run.world)
     sampler = GlobalBatchSampler(len(dataset), micro, accumulation, run.world, run.rank, run.recipe.seed,
                                  start_position=math.ceil(state.samples_consumed / (micro * run.world)))
     run.monitor.print(f"{len(dataset)} training samples; global batch {global_batch} = micro {micro} × "
                       f"accumulation {accumulation} × {run.world} rank(s)")
-    return run.samples.track(train_loader(dataset, sampler, run.recipe.data.num_workers)), micro, accumulation
+    return train_loader(dataset, sampler, run.recipe.data.num_workers, run.samples.track), micro, accumulation
 
 
 def image_train_transform(run):
@@ -89,6 +97,85 @@ def agree(flag: bool, count: int, device: torch.device) -> tuple[bool, int]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
     return value[0].item() == 0, int(value[1].item())
+
+
+def engine_step(engine, result: StepResult) -> None:
+    """``engine.step()``. Where DeepSpeed does not report the gradient norm of an optimizer step
+    (its optimizer keeps none: ZeRO-0 without bf16 clips with it but drops it), it is measured
+    here into ``result``, before the step clips: by then the gradients are averaged over ranks."""
+    if (engine.is_gradient_accumulation_boundary() and not hasattr(engine.optimizer, "_global_grad_norm")
+            and not engine.fp16_enabled()):  # fp16 gradients carry the loss scale
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters()
+                 if p.grad is not None]
+        if norms:
+            result.grad_norm = torch.linalg.vector_norm(torch.stack(norms)).item()
+    engine.step()
+
+
+class UnusableData(RecipeError):
+    """Too many batches in a row without enough usable samples (see `DataSkips`)."""
+
+
+class DataSkips:
+    """What training could not use. Counts the samples collate skipped, over all ranks, in total
+    and per reason (into the `TrainState`), and the batches in a row left with too few usable
+    samples; after ``limit`` of those in a row it raises `UnusableData` naming their sources.
+    ``unit`` names such a batch in that message ("micro-batches", "steps")."""
+
+    def __init__(self, state: TrainState, limit: int, unit: str, device: torch.device):
+        self.state = state
+        self.limit = limit
+        self.unit = unit
+        self.device = device
+        self.streak_reasons: Counter[str] = Counter()  # skips since the last usable batch, per reason
+        self.streak_sources: Counter[str] = Counter()  # ... and per source
+
+    def check(self, batches: list[dict], usable: bool) -> bool:
+        """Collective: count the skips of this rank's ``batches``; True when ``usable`` holds on
+        every rank (the batches are used), False when all ranks drop them."""
+        state = self.state
+        usable, skipped = agree(usable, sum(b["skipped"] for b in batches), self.device)
+        reasons, sources = Counter(), Counter()
+        if skipped:  # rare: only then a second collective, for the per-reason and per-source counts
+            for batch in batches:
+                reasons.update(batch.get("skip_reasons", {}))
+                sources.update(batch.get("skip_sources", {}))
+            reasons, sources = rank_counters(reasons, sources)
+            state.skipped_samples += skipped
+            for reason, count in reasons.items():
+                state.skipped_by_reason[reason] = state.skipped_by_reason.get(reason, 0) + count
+        if usable:
+            state.unusable_in_a_row = 0
+            self.streak_reasons.clear()
+            self.streak_sources.clear()
+            return True
+        state.unusable_in_a_row += 1
+        self.streak_reasons.update(reasons)
+        self.streak_sources.update(sources)
+        if state.unusable_in_a_row >= self.limit:
+            problem = f"{state.unusable_in_a_row} {self.unit} in a row had too few usable samples " \
+                      f"(train.max_unusable = {self.limit})"
+            if not self.streak_reasons:
+                raise UnusableData(f"{problem}, although no sample was skipped; raise train.micro_batch")
+            raise UnusableData(
+                f"{problem}; their {sum(self.streak_reasons.values())} skipped samples came from "
+                f"{counted(self.streak_sources) or 'unnamed sources'} ({counted(self.streak_reasons)}): fix "
+                f"or remove those files, or drop the source from the recipe")
+        return False
+
+
+def counted(counts: dict[str, int]) -> str:
+    """``"b 3, a 1, c 1"``: counts largest first, ties by name."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def rank_counters(*counters: Counter) -> list[Counter]:
+    """Each counter summed over ranks (one all_gather of small objects)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(counters)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(counters))
+    return [sum((rank[i] for rank in gathered), Counter()) for i in range(len(counters))]
 
 
 def evaluation(run, engine, image: Callable | None = None, text: Callable | None = None) -> Callable[[int], None]:
@@ -158,12 +245,10 @@ class SampleLog:
         self.world = world
         self.pending: list[list[int]] = []  # this rank's micro-batches of the current step
 
-    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
-        """``batches`` as they are, remembering each one's sample indices when enabled."""
-        for batch in batches:
-            if self.enabled:
-                self.pending.append(batch["index"].tolist())
-            yield batch
+    def track(self, batch: dict) -> None:
+        """Remember the batch's sample indices when enabled (every training batch comes here)."""
+        if self.enabled:
+            self.pending.append(batch["index"].tolist())
 
     def flush(self, step: int) -> None:
         """Collective: write the samples of ``step`` (every rank must call it)."""
@@ -196,23 +281,31 @@ class Preemption:
 
 
 class Trainer:
-    """Runs optimizer steps until ``train.steps``, with logging, evaluation and checkpoints."""
+    """Runs optimizer steps until ``train.steps``, with logging, evaluation and checkpoints.
+    ``batches`` are the stage's training batches: their loader workers are stopped however
+    training ends."""
 
-    def __init__(self, run, engine, state: TrainState):
+    def __init__(self, run, engine, state: TrainState, batches: TrainBatches):
         self.run = run
         self.engine = engine
         self.state = state
+        self.batches = batches
         self.recipe = run.recipe
+        self.saved_step = state.step  # the newest checkpoint's step (0: none, or nothing to save)
 
     def save(self) -> None:
+        """Collective: checkpoint the current step, unless it already is."""
+        if self.state.step == self.saved_step:
+            return
         path = checkpoint.save(self.engine, self.run.run_dir, self.state.step, self.state.to_dict(),
                                self.recipe.checkpoint.keep_last)
+        self.saved_step = self.state.step
         self.run.monitor.print(f"step {self.state.step}: checkpoint {path}")
 
     def fit(self, one_step: Callable[[], StepResult], evaluate: Callable[[int], None]) -> int:
         recipe, run, state = self.recipe, self.run, self.state
         preemption = Preemption()
-        window = {"loss": 0.0, "terms": {}, "samples": 0, "steps": 0, "start": time.time()}
+        window = {"loss": 0.0, "terms": {}, "samples": 0, "steps": 0, "grad_norm": None, "start": time.time()}
         try:
             while state.step < recipe.train.steps:
                 result = one_step()
@@ -226,20 +319,30 @@ class Trainer:
                 state.step += 1
                 run.samples.flush(state.step)
                 self._accumulate(window, result)
-                if state.step % recipe.train.log_every == 0 or state.step == recipe.train.steps:
-                    self._log(window)
                 last = state.step == recipe.train.steps
-                if last or (recipe.eval.every and state.step % recipe.eval.every == 0):
-                    evaluate(state.step)
+                if state.step % recipe.train.log_every == 0 or last:
+                    self._log(window)
                 stop = not all_ranks(not preemption.requested, run.device)
                 if last or stop or (recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0):
                     self.save()
+                # After the save, so that an evaluation that fails (and ends the run) never costs
+                # the step's checkpoint. Not saving after a failure instead: the save is collective
+                # and the other ranks may be elsewhere.
+                if last or (recipe.eval.every and state.step % recipe.eval.every == 0):
+                    evaluate(state.step)
                 if stop:
                     run.monitor.print(f"pre-empted (SIGTERM/SIGINT) at step {state.step}; the checkpoint "
                                       f"is saved, continue with --resume auto")
                     return 0
+        except UnusableData as error:
+            # Every rank raises it at the same batch (the decision is collective), so all can save.
+            self.save()
+            progress = (f"steps up to {state.step} are saved: continue with --resume auto" if state.step
+                        else "no step was trained")
+            raise UnusableData(f"stopping at step {state.step}: {error}; {progress}") from None
         finally:
             preemption.restore()
+            self.batches.close()
         run.monitor.print(f"done: {state.step} steps; run directory {run.run_dir.resolve()}")
         run.monitor.close()
         return 0
@@ -250,6 +353,8 @@ class Trainer:
             window["terms"][name] = window["terms"].get(name, 0.0) + value
         window["samples"] += result.samples
         window["steps"] += 1
+        if result.grad_norm is not None:
+            window["grad_norm"] = result.grad_norm
 
     def _log(self, window: dict) -> None:
         """Scalars averaged over the window's steps and over ranks."""
@@ -263,12 +368,19 @@ class Trainer:
                    "train/lr": self.engine.get_lr()[0],
                    "train/samples_per_s": sums[1] / elapsed,
                    "train/skipped_samples": state.skipped_samples,
-                   "train/skipped_steps": state.skipped_batches}
+                   "train/skipped_steps": state.skipped_batches,
+                   **{f"data/skipped/{reason}": n for reason, n in state.skipped_by_reason.items()}}
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = window["grad_norm"]
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
         run.monitor.scalars(state.step, scalars)
         terms = " ".join(f"{n} {scalars['loss/' + n]:.4f}" for n in names)
+        skipped = f" skipped {state.skipped_samples}" if state.skipped_samples else ""
+        if state.skipped_by_reason:
+            skipped += f" ({counted(state.skipped_by_reason)})"
         run.monitor.print(f"step {state.step}/{self.recipe.train.steps} loss {scalars['loss/total']:.4f} "
-                          f"({terms}) lr {scalars['train/lr']:.2e} {scalars['train/samples_per_s']:.0f} samples/s")
-        window.update(loss=0.0, terms={}, samples=0, steps=0, start=time.time())
+                          f"({terms}) lr {scalars['train/lr']:.2e} "
+                          f"{significant(scalars['train/samples_per_s'])} samples/s{skipped}")
+        window.update(loss=0.0, terms={}, samples=0, steps=0, grad_norm=None, start=time.time())

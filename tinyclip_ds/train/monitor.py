@@ -6,6 +6,7 @@ Only rank 0 writes; other ranks get a Monitor that does nothing, so call sites n
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,15 @@ class Monitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` to at least ``digits`` significant digits, never in exponent notation: a slow
+    run's 0.0123 samples/s must not print as 0, nor a fast one's 12346 as 1.23e+04."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.0f}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
 
 
 def similarity_image(matrix: torch.Tensor, cell: int = 4) -> np.ndarray:

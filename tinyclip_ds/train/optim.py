@@ -36,6 +36,8 @@ class TrainConfig:
     log_samples: bool = option(False, "append the sample indices of every optimizer step to "
                                       "<run_dir>/samples.jsonl (to check resumed runs)")
     max_nonfinite: int = option(20, "stop (with a checkpoint) after this many non-finite losses in a row")
+    max_unusable: int = option(20, "stop (with a checkpoint and an error naming the data sources) after "
+                                   "this many batches in a row without enough readable samples")
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.eval.evaluator import Evaluator
+from tinyclip_ds.models.students import student_shapes
 from tinyclip_ds.models.teachers import Teacher, load_teacher
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train import checkpoint
@@ -96,12 +97,20 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
         universal = checkpoint.plan_resume(resume_from, world, zero_stage(ds_config), precision(ds_config),
                                            ds_config["train_batch_size"])
         ds_config.setdefault("checkpoint", {})["load_universal"] = universal
+
+    torch.manual_seed(recipe.seed)
+    teacher = load_teacher(recipe.teacher).to(device)
+    if resume_from:
+        # Before anything is written: a refused resume leaves the run directory as it was.
+        checkpoint.check_resume(resume_from, recipe.stage, student_shapes(recipe, teacher.clip))
     monitor = Monitor(run_dir, enabled=rank == 0)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     monitor.print(f"run directory: {run_dir.resolve()}  ({recipe.stage}, {world} rank(s), {device})")
+    for assumption in teacher.assumptions:
+        monitor.print(f"teacher: {assumption}")
     if resume_from:
         saved = checkpoint.marker_info(resume_from)
         how = (f"converted once to DeepSpeed's universal format in {checkpoint.universal_path(resume_from)}"
@@ -112,8 +121,6 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
     elif resume is not None:
         monitor.print(f"--resume {resume}: no complete checkpoint in {run_dir}; starting fresh")
 
-    torch.manual_seed(recipe.seed)
-    teacher = load_teacher(recipe.teacher).to(device)
     evaluator = Evaluator(recipe.eval, recipe.data, teacher.image_size, teacher.image_mean,
                           teacher.image_std, teacher.tokenizer, device)
     samples = SampleLog(run_dir / "samples.jsonl", recipe.train.log_samples, rank, world)

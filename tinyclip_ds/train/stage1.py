@@ -19,8 +19,8 @@ from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import TowerOutput
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.loop import (StepResult, Trainer, TrainState, agree, build_engine, evaluation,
-                                    image_train_transform, training_batches)
+from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, TrainState, agree, build_engine, engine_step,
+                                    evaluation, image_train_transform, training_batches)
 
 
 class Stage1Student(nn.Module):
@@ -61,12 +61,14 @@ def train_stage1(run) -> int:
 
     if kind == "image":
         dataset = ImageDataset(image_source(recipe.data.images), image_train_transform(run))
+        monitor.print(f"training data: {dataset.source.summary()}")
     else:
         dataset = TextDataset(caption_source(recipe.data.captions), run.teacher.tokenizer)
     batches, micro, accumulation = training_batches(run, dataset, state)
 
     teacher_forward = run.teacher.image if kind == "image" else run.teacher.text
     smallest_batch = 2 if "rep_relation" in objective.terms else 1
+    skips = DataSkips(state, recipe.train.max_unusable, "micro-batches", run.device)
 
     def one_step() -> StepResult:
         result = StepResult()
@@ -74,12 +76,10 @@ def train_stage1(run) -> int:
         while done < accumulation:
             batch = next(batches)
             state.samples_consumed += micro * run.world
-            # Unreadable images are dropped by collate; a micro-batch left too small on any rank
+            # Unusable images are dropped by collate; a micro-batch left too small on any rank
             # (empty; one sample for the in-batch rep_relation) is skipped by all ranks before
             # any forward, since ZeRO-3 forwards are collective.
-            usable, skipped = agree(len(batch["index"]) >= smallest_batch, batch["skipped"], run.device)
-            state.skipped_samples += skipped
-            if not usable:
+            if not skips.check([batch], len(batch["index"]) >= smallest_batch):
                 continue
             inputs = batch[kind].to(run.device)
             teacher_out = teacher_forward(inputs, objective.teacher_request)
@@ -98,7 +98,7 @@ def train_stage1(run) -> int:
                     return result
                 continue
             engine.backward(loss)
-            engine.step()
+            engine_step(engine, result)
             state.nonfinite_in_a_row = 0
             done += 1
             result.loss += loss.item() / accumulation
@@ -111,4 +111,4 @@ def train_stage1(run) -> int:
         evaluate = evaluation(run, engine, image=engine.module.encode)
     else:
         evaluate = evaluation(run, engine, text=lambda ids: engine.module.encode(student.fit_context(ids)))
-    return Trainer(run, engine, state).fit(one_step, evaluate)
+    return Trainer(run, engine, state, batches).fit(one_step, evaluate)

@@ -14,13 +14,13 @@ from tinyclip_ds.data.sampler import mix_seed
 from tinyclip_ds.data.sources import pair_source
 from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import STAGE1_TERMS, Stage1Objective, Stage2Objective, active_terms
-from tinyclip_ds.models.students import build_students
+from tinyclip_ds.models.students import build_students, describe_differences, shape_differences
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.contrastive import Features, backward_scale, gather_with_grad, local_rows
-from tinyclip_ds.train.loop import (StepResult, Trainer, TrainState, agree, build_engine, evaluation,
-                                    image_train_transform, training_batches)
+from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, TrainState, agree, build_engine, engine_step,
+                                    evaluation, image_train_transform, training_batches)
 
 
 class LogitScale(nn.Module):
@@ -85,13 +85,29 @@ def initialise_from_stage1(tower: nn.Module, kind: str, cfg, monitor) -> None:
             return
         raise RecipeError(f"'{key}' = {cfg.init_from}: no complete checkpoint there; run stage 1 "
                           f"first, or set {key}='' to start from student.{kind}.init")
+    saved = checkpoint.saved_record(path)
+    if saved["stage"] not in (None, f"stage1_{kind}"):
+        raise RecipeError(f"'{key}' = {cfg.init_from}: {path} was saved by a {saved['stage']} run; it takes "
+                          f"a stage1_{kind} run (or set {key}='' to start from student.{kind}.init)")
+    if saved["towers"]:
+        # Head count and activation change no parameter shape: only the record can tell them.
+        if differences := shape_differences(kind, saved["towers"][kind], tower.shape):
+            was, now = describe_differences(differences)
+            raise RecipeError(f"'{key}': the stage-1 checkpoint {path} was saved with {was}; this recipe "
+                              f"has {now}: give student.{kind} the stage-1 run's shape (its recipe: "
+                              f"{checkpoint.recipe_of(path)}) or change {key}")
+    else:
+        monitor.print(f"{kind} tower: {path} records no student shape (saved by an older version); only "
+                      f"parameter shapes are checked: head count and activation assumed to be this recipe's "
+                      f"(student.{kind}.heads={tower.shape.heads}, act={tower.shape.act})")
     state = checkpoint.consolidated_state_dict(path)
     weights = {name[len("tower."):]: value for name, value in state.items() if name.startswith("tower.")}
-    missing, unexpected = tower.load_state_dict(weights, strict=False)
-    if missing or unexpected or not weights:
-        raise RecipeError(f"'{key}': {path} does not hold a {kind} tower of this recipe's shape "
-                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was it a stage1_{kind} "
-                          f"run with the same student.{kind}?")
+    try:
+        tower.load_state_dict(weights, strict=True)
+    except RuntimeError as err:  # missing, unexpected or other-shaped parameters
+        problems = " ".join(line.strip() for line in str(err).splitlines()[1:])
+        raise RecipeError(f"'{key}': {path} does not hold a student.{kind} tower of this recipe's shape "
+                          f"({problems[:600]}); was it a stage1_{kind} run with the same student.{kind}?") from None
     monitor.print(f"{kind} tower: loaded from stage-1 checkpoint {path}")
 
 
@@ -133,36 +149,42 @@ def train_stage2(run) -> int:
     dataset = PairDataset(pair_source(recipe.data.pairs, recipe.data.image_root, recipe.data.csv_image_key,
                                       recipe.data.csv_caption_key),
                           image_train_transform(run), teacher.tokenizer)
+    monitor.print(f"training data: {dataset.source.summary()}")
     batches, micro, accumulation = training_batches(run, dataset, state)
     monitor.print(f"contrastive negatives per step: micro {micro} × accumulation {accumulation} × "
                   f"{run.world} rank(s), {recipe.train.accumulation_mode} accumulation")
 
     step_fn = ContrastiveStep(engine, teacher, objective, run.device, accumulation,
                               mode=recipe.train.accumulation_mode, seed=recipe.seed)
+    skips = DataSkips(state, recipe.train.max_unusable, "steps", run.device)
 
     def one_step() -> StepResult:
-        micro_batches = []
-        for _ in range(accumulation):
-            batch = next(batches)
-            state.samples_consumed += micro * run.world
-            micro_batches.append(batch)
-        _, skipped = agree(True, sum(b["skipped"] for b in micro_batches), run.device)
-        state.skipped_samples += skipped
-        result = step_fn(micro_batches, state.samples_consumed)
-        if result is None:
+        while True:
+            micro_batches = []
+            for _ in range(accumulation):
+                batch = next(batches)
+                state.samples_consumed += micro * run.world
+                micro_batches.append(batch)
+            # Each rank's share of the loss is a mean over its rows, so every rank needs a usable
+            # sample (in plain mode every micro-batch, each being a contrastive batch of its own);
+            # otherwise all ranks skip the step and it is counted.
+            sizes = [len(b["index"]) for b in micro_batches]
+            if not skips.check(micro_batches, min(sizes) > 0 if step_fn.mode == "plain" else sum(sizes) > 0):
+                continue
+            result = step_fn(micro_batches, state.samples_consumed)
+            if result is not None:
+                state.nonfinite_in_a_row = 0
+                return result
             state.skipped_batches += accumulation
             state.nonfinite_in_a_row += 1
             monitor.print(f"step {state.step + 1}: non-finite loss, step skipped ({state.nonfinite_in_a_row} in a row)")
             if state.nonfinite_in_a_row >= recipe.train.max_nonfinite:
                 return StepResult(stopped=True)
-            return one_step()
-        state.nonfinite_in_a_row = 0
-        return result
 
     model = engine.module
     evaluate = evaluation(run, engine, image=lambda x: model.image(x).embedding,
                           text=lambda ids: model.text(model.text.fit_context(ids)).embedding)
-    return Trainer(run, engine, state).fit(one_step, evaluate)
+    return Trainer(run, engine, state, batches).fit(one_step, evaluate)
 
 
 class ContrastiveStep:
@@ -257,7 +279,7 @@ class ContrastiveStep:
             # are per-sample means, averaged over the micro-batches.
             engine.backward(backward_scale(self.world) * surrogate + stage1_loss / self.accumulation,
                             scale_wrt_gas=False)
-            engine.step()
+            engine_step(engine, result)
             offset += n
             result.loss += stage1_loss.item() / self.accumulation
             for name, value in stage1_terms.items():
@@ -291,7 +313,7 @@ class ContrastiveStep:
                     return None
                 total = sum(x.float().sum() * 0.0 for x in gathered.tensors().values() if x.is_floating_point())
             engine.backward(total, scale_wrt_gas=False)
-            engine.step()
+            engine_step(engine, result)
             if not finite:
                 continue
             result.samples += features.image.shape[0]
