@@ -43,52 +43,63 @@ def bad_files(folder) -> dict[str, str]:
     return {"broken": str(broken), "file": str(a_file)}
 
 
-# id -> (command after the interpreter, environment, texts the one error line must contain)
-COMMANDS = {
-    "lr_nan": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "train.lr=nan"], {}, ["'train.lr'", "nan"]),
-    "deepspeed_key": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "deepspeed.zero_optimisation.stage=3"],
-                      {}, ["deepspeed.zero_optimisation.stage", "did you mean 'deepspeed.zero_optimization.stage'"]),
-    "broken_yaml": (["-m", "tinyclip_ds.cli", "check", "{broken}"], {}, ["{broken}", "invalid YAML", "line 3"]),
-    "run_dir_file": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "run_dir={file}"], {},
-                     ["'run_dir'", "{file}", "is a file"]),
-    "missing_teacher": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "teacher.source=openai",
-                         "--set", "teacher.path=/nonexistent/ViT-B-32.pt"], {},
+# id -> (arguments of `tinyclip-ds`, texts the one error line must contain). Run in-process:
+# `main` is where an error becomes one line and a status, whatever the command.
+CHECKS = {
+    "lr_nan": (["check", DEMO, "--set", "train.lr=nan"], ["'train.lr'", "nan"]),
+    "deepspeed_key": (["check", DEMO, "--set", "deepspeed.zero_optimisation.stage=3"],
+                      ["deepspeed.zero_optimisation.stage", "did you mean 'deepspeed.zero_optimization.stage'"]),
+    "broken_yaml": (["check", "{broken}"], ["{broken}", "invalid YAML", "line 3"]),
+    "run_dir_file": (["check", DEMO, "--set", "run_dir={file}"], ["'run_dir'", "{file}", "is a file"]),
+    "missing_teacher": (["check", DEMO, "--set", "teacher.source=openai", "--set",
+                         "teacher.path=/nonexistent/ViT-B-32.pt"],
                         ["'teacher.path'", "/nonexistent/ViT-B-32.pt", "does not exist"]),
-    "name_escapes_runs": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "name=../../elsewhere"], {},
-                          ["'name'", "../../elsewhere", "run_dir"]),
-    # A training rank, as DeepSpeed's launcher starts it: the error comes before anything is built.
-    "train_run_dir_file": (["launch/stage1_image.sh", "--set", "run_dir={file}"], {},
-                           ["'run_dir'", "{file}", "is a file"]),
+    "name_escapes_runs": (["check", DEMO, "--set", "name=../../elsewhere"], ["'name'", "../../elsewhere", "run_dir"]),
 }
 
 
-# With TINYCLIP_DS_DEBUG=1 the same error shows its traceback.
-DEBUG = (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "train.log_every=0"], {"TINYCLIP_DS_DEBUG": "1"},
-         ["RecipeError", "train.log_every"])
+@pytest.mark.parametrize("case", CHECKS)
+def test_command_ends_with_one_line_and_a_status(case, tmp_path, capsys):
+    files = bad_files(tmp_path)
+    args, expected = CHECKS[case]
+    assert main([arg.format(**files) for arg in args]) == 2
+    assert_one_line_error(capsys.readouterr().err, *(text.format(**files) for text in expected))
+
+
+# id -> (command after the interpreter, environment, texts the error output must contain): the
+# real processes, where a traceback would come from an exception escaping `main`.
+COMMANDS = {
+    "console_command": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "train.lr=nan"], {},
+                        ["'train.lr'", "nan"]),
+    # A training rank, as DeepSpeed's launcher starts it: the error comes before anything is built.
+    "train_run_dir_file": (["launch/stage1_image.sh", "--set", "run_dir={file}"], {},
+                           ["'run_dir'", "{file}", "is a file"]),
+    # With TINYCLIP_DS_DEBUG=1 the same kind of error shows its traceback.
+    "debug": (["-m", "tinyclip_ds.cli", "check", DEMO, "--set", "train.log_every=0"], {"TINYCLIP_DS_DEBUG": "1"},
+              ["RecipeError", "train.log_every"]),
+}
 
 
 @pytest.fixture(scope="module")
 def command_results(tmp_path_factory):
-    """Every case of COMMANDS (and DEBUG) run as a real process, two at a time (each spends
-    seconds importing torch and DeepSpeed)."""
+    """Every case of COMMANDS run as a real process, two at a time (each spends seconds
+    importing torch and DeepSpeed)."""
     files = bad_files(tmp_path_factory.mktemp("bad_inputs"))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("TINYCLIP_DS_DEBUG", None)
 
-    cases = {**COMMANDS, "debug": DEBUG}
-
     def run(case):
-        args, extra_env, expected = cases[case]
+        args, extra_env, expected = COMMANDS[case]
         result = subprocess.run([sys.executable, *(a.format(**files) for a in args)], cwd=PROJECT_ROOT,
                                 capture_output=True, text=True, timeout=300, env={**env, **extra_env})
         return case, (result, [text.format(**files) for text in expected])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, cases))
+        return dict(pool.map(run, COMMANDS))
 
 
-@pytest.mark.parametrize("case", COMMANDS)
-def test_command_ends_with_one_line_and_a_status(case, command_results):
+@pytest.mark.parametrize("case", ["console_command", "train_run_dir_file"])
+def test_process_ends_with_one_line_and_a_status(case, command_results):
     result, expected = command_results[case]
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-4000:])
     assert_one_line_error(result.stderr, *expected)
@@ -261,3 +272,12 @@ def test_check_accepts_present_files(tmp_path, capsys):
                            "--set", "student.image.init_from_missing=init"]
     assert main(["check", DEMO_STAGE2, *missing_but_allowed]) == 0
     assert "paths: teacher, data" in capsys.readouterr().out
+
+
+def test_templates_file_in_another_encoding_is_named_with_its_line(tmp_path):
+    from tinyclip_ds.eval.evaluator import resolve_templates
+
+    templates = tmp_path / "templates.txt"
+    templates.write_bytes("a photo of a {}.\nune photo d'un {} trouvé.\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"'eval.templates': .*templates.txt line 2 is not UTF-8"):
+        resolve_templates(str(templates), None)

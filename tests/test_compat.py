@@ -65,7 +65,13 @@ def test_resume_with_another_student_or_stage_is_refused_before_anything_is_writ
     assert other_stage.returncode == 2 and "Traceback" not in other_stage.stderr, other_stage.stderr[-3000:]
     assert "was saved by a stage1_image run; this recipe is stage1_text" in other_stage.stderr
 
+    # Same stage and tower shapes, but a loss term with a learned projection: refused once built.
+    other_terms = launch("stage1_image", *common, "--set", "loss.emb=1", check=False)
+    assert other_terms.returncode == 2 and "Traceback" not in other_terms.stderr, other_terms.stderr[-3000:]
+    assert "not in the checkpoint: objective.emb_projection.weight" in other_terms.stderr
+
     # Nothing of the run changed (recipe.yaml, ds_config.json, no new TensorBoard file), and it still exports.
+    # (Not even after a refusal that needed the model built: the run files are written once it loaded.)
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == written
     exported = tmp_path / "student.safetensors"
     cli = subprocess.run([sys.executable, "-m", "tinyclip_ds.cli", "export-weights", str(run_dir), "--out",

@@ -209,6 +209,7 @@ def test_sigterm_to_every_process_of_the_job_returns_0_after_the_checkpoint(tmp_
         stopped_cleanly(job, returncode, complete_at_return, ranks, run_dir)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_fails_the_launcher_with_its_status(tmp_path):
     """Rank 1 dies (SIGKILL) while saving step 2: the launcher stops the other rank and exits
     with the dead rank's status, as a shell reports it (DeepSpeed's launcher reported 247)."""

@@ -195,7 +195,7 @@ def caption_source(specs: str | Sequence[str], key: str = "data.captions") -> li
             path = _existing_path(spec, spec_key, _CAPTION_SPECS)
             suffix = path.suffix.lower()
             if suffix == ".txt" and path.is_file():
-                found = [line.strip() for line in _text_lines(path, spec_key) if line.strip()]
+                found = [line.strip() for line in text_lines(path, spec_key) if line.strip()]
             elif suffix == ".json" and path.is_file():
                 annotations = _coco_annotations(_read_coco(path, spec_key), path, spec_key, ("caption",))
                 found = [annotation["caption"].strip() for annotation in annotations]
@@ -271,7 +271,7 @@ def classification_source(spec: str, key: str = "eval.zeroshot"
     classnames = [folder.name.replace("_", " ") for folder in folders]
     names_file = root / "classnames.txt"
     if names_file.is_file():
-        classnames = [line.strip() for line in _text_lines(names_file, key) if line.strip()]
+        classnames = [line.strip() for line in text_lines(names_file, key) if line.strip()]
         if len(classnames) != len(folders):
             raise RecipeError(f"'{key}': {names_file} has {len(classnames)} names but {root} has "
                               f"{len(folders)} class folders; give one name per folder, in sorted folder order")
@@ -341,7 +341,7 @@ def _table_rows(path: Path, key: str, image_key: str, caption_key: str
     """``(image path, caption)`` of every well-formed row of a .csv/.tsv file with a header
     row, and the first line of each malformed row (left out). A .tsv has no quoting."""
     tsv = path.suffix.lower() == ".tsv"
-    lines = _text_lines(path, key)
+    lines = text_lines(path, key)
     reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(lines)
     columns = next(reader, [])
     for wanted, setting in ((image_key, "data.csv_image_key"), (caption_key, "data.csv_caption_key")):
@@ -414,7 +414,7 @@ def _read_coco(path: Path, key: str) -> dict:
     return data
 
 
-def _text_lines(path: Path, key: str) -> Iterator[str]:
+def text_lines(path: Path, key: str) -> Iterator[str]:
     """The lines of a UTF-8 text file (a leading byte-order mark dropped), decoded one at a time
     so that a line in another encoding is reported by number."""
     with open(path, "rb") as f:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tinyclip_ds.config import RecipeError, option
 from tinyclip_ds.data.config import DataConfig
-from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs
+from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs, text_lines
 from tinyclip_ds.data.transforms import eval_transform
 from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
@@ -203,7 +203,7 @@ def resolve_templates(spec: str, own: list[str] | None) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise RecipeError(f"'eval.templates': {spec} is neither 'default' nor a .txt file of templates")
-    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    templates = [line.strip() for line in text_lines(path, "eval.templates") if line.strip()]
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
         raise RecipeError(f"'eval.templates': every line of {path} needs exactly one {{}}; bad: {bad[:3]}")

@@ -62,6 +62,10 @@ class CheckpointConfig:
     keep_last: int = option(3, "complete checkpoints to keep (older ones are deleted); 0 = keep all")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, I/O error)."""
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -165,13 +169,20 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
     _barrier()
     # UNIVERSAL_CHECKPOINT_INFO lets ds_to_universal convert it for another world size later.
     state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {}}
-    engine.save_checkpoint(str(root), tag=staging.name, client_state=state, save_latest=False)
-    if rank == 0:
-        (staging / RECORD).write_text(json.dumps(model_record(engine.module)) + "\n")
-        if (Path(run_dir) / RECIPE).is_file():
-            shutil.copyfile(Path(run_dir) / RECIPE, staging / RECIPE)
-    torch.save({"rng": rng_state()}, staging / f"rank_{rank:05d}.pt")
-    _flush_to_disk(staging)
+    try:
+        engine.save_checkpoint(str(root), tag=staging.name, client_state=state, save_latest=False)
+        if rank == 0:
+            (staging / RECORD).write_text(json.dumps(model_record(engine.module)) + "\n")
+            if (Path(run_dir) / RECIPE).is_file():
+                shutil.copyfile(Path(run_dir) / RECIPE, staging / RECIPE)
+        torch.save({"rng": rng_state()}, staging / f"rank_{rank:05d}.pt")
+        _flush_to_disk(staging)
+    except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as either
+        complete = complete_checkpoints(run_dir)
+        latest = f"{complete[-1]} stays the latest" if complete else "there is no complete checkpoint yet"
+        raise CheckpointWriteError(
+            f"rank {rank} could not write the checkpoint of step {step} into {staging} ({error}); "
+            f"{latest}. Free disk space (or raise the file-size limit), then continue with --resume auto") from None
     _die_if_requested(rank, step)
     _barrier()
     if rank == 0:

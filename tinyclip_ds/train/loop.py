@@ -61,6 +61,20 @@ class StepResult:
     stopped: bool = False  # too many non-finite losses in a row: stop the run
 
 
+def start_state(run, engine) -> TrainState:
+    """Collective: the state training starts from — the checkpoint's (loaded into ``engine``)
+    when resuming, else a fresh one — after which rank 0 writes the run's recipe.yaml and
+    ds_config.json. Only then: a resume refused while loading leaves the run directory as it was."""
+    state = TrainState()
+    if run.resume_from:
+        state = TrainState.from_dict(checkpoint.load(engine, run.resume_from))
+        run.monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
+    if run.rank == 0:
+        (run.run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
+        (run.run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+    return state
+
+
 def training_batches(run, dataset, state: TrainState) -> tuple[TrainBatches, int, int]:
     """``(batches, micro, accumulation)``: this rank's endless micro-batches of ``dataset``,
     continuing from the data position in ``state`` (samples consumed over all ranks, so it

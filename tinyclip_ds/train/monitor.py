@@ -17,11 +17,17 @@ class Monitor:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.writer = None
-        if enabled:
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The TensorBoard writer (rank 0 only), created at the first value logged, so that a run
+        refused at start leaves no event file behind."""
+        if self.enabled and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -52,8 +58,8 @@ class Monitor:
         self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def significant(value: float, digits: int = 3) -> str:

@@ -3,7 +3,6 @@ config, teacher, evaluator; then the stage's loop (stage1.py or stage2.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -105,9 +104,7 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
         checkpoint.check_resume(resume_from, recipe.stage, student_shapes(recipe, teacher.clip))
     monitor = Monitor(run_dir, enabled=rank == 0)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and ds_config.json: loop.start_state
     monitor.print(f"run directory: {run_dir.resolve()}  ({recipe.stage}, {world} rank(s), {device})")
     for assumption in teacher.assumptions:
         monitor.print(f"teacher: {assumption}")

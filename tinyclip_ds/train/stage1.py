@@ -18,9 +18,9 @@ from tinyclip_ds.distill.objectives import Stage1Objective
 from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import TowerOutput
-from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, TrainState, agree, build_engine, engine_step,
-                                    evaluation, image_train_transform, training_batches)
+from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, agree, build_engine, engine_step,
+                                    evaluation, image_train_transform, start_state,
+                                    training_batches)
 
 
 class Stage1Student(nn.Module):
@@ -54,10 +54,7 @@ def train_stage1(run) -> int:
     objective = Stage1Objective(recipe.loss, kind, teacher_tower.shape, student.shape, pairs, key)
     engine = build_engine(Stage1Student(student, objective), run.ds_config, recipe)
 
-    state = TrainState()
-    if run.resume_from:
-        state = TrainState.from_dict(checkpoint.load(engine, run.resume_from))
-        monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
+    state = start_state(run, engine)
 
     if kind == "image":
         dataset = ImageDataset(image_source(recipe.data.images), image_train_transform(run))

@@ -19,8 +19,9 @@ from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.contrastive import Features, backward_scale, gather_with_grad, local_rows
-from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, TrainState, agree, build_engine, engine_step,
-                                    evaluation, image_train_transform, training_batches)
+from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, agree, build_engine, engine_step,
+                                    evaluation, image_train_transform, start_state,
+                                    training_batches)
 
 
 class LogitScale(nn.Module):
@@ -141,10 +142,7 @@ def train_stage2(run) -> int:
                            stage1, objective.student_tokens)
     engine = build_engine(module, run.ds_config, recipe)
 
-    state = TrainState()
-    if run.resume_from:
-        state = TrainState.from_dict(checkpoint.load(engine, run.resume_from))
-        monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
+    state = start_state(run, engine)
 
     dataset = PairDataset(pair_source(recipe.data.pairs, recipe.data.image_root, recipe.data.csv_image_key,
                                       recipe.data.csv_caption_key),
