@@ -290,8 +290,13 @@ class Preemption:
         self.requested = True
 
     def restore(self):
+        """Put the previous handlers back, unless a stop was requested: then the rank is on its
+        way out with its checkpoint saved, and a late copy of the signal (schedulers signal every
+        process, and `bash launch/...` forwards the signal to the ranks too) must not turn that
+        clean exit into death by signal. Ignored rather than handled: Python puts the default
+        action back while it shuts down."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
 
 class Trainer:
