@@ -175,38 +175,40 @@ def stopped_cleanly(job: Job, returncode: int, complete_at_return: list, ranks: 
     assert complete_at_return == [run_dir / "checkpoints" / tag_for(step)], output[-4000:]
 
 
-def test_sigterm_to_the_launchers_process_group_returns_0_after_the_checkpoint(tmp_path):
-    """`kill -TERM -<pgid>` (or Ctrl-C, which signals the foreground group): DeepSpeed's own
-    `deepspeed` command exited 143 at once, while the ranks were still saving. The group holds
-    the launcher alone, so this is also `kill -TERM <its pid>`."""
-    run_dir = tmp_path / "run"
+def signalled_job_stops_cleanly(run_dir, send) -> None:
+    """Start a 2-rank job, let it train 2 steps, stop it with ``send(job, ranks)``, and check it
+    returned 0 only once the ranks had saved and exited (`stopped_cleanly`)."""
     job = Job(run_dir)
     with cleanup(job) as family:
         job.wait_for_step(2)
         ranks = job.ranks()
         family += ranks
-        assert all(os.getpgid(rank.pid) != job.process.pid for rank in ranks)
-        os.killpg(job.process.pid, signal.SIGTERM)
+        send(job, ranks)
         returncode = job.process.wait(timeout=300)
         complete_at_return = complete_checkpoints(run_dir)
         stopped_cleanly(job, returncode, complete_at_return, ranks, run_dir)
+
+
+def test_sigterm_to_the_launchers_process_group_returns_0_after_the_checkpoint(tmp_path):
+    """`kill -TERM -<pgid>` (or Ctrl-C, which signals the foreground group): DeepSpeed's own
+    `deepspeed` command exited 143 at once, while the ranks were still saving. The group holds
+    the launcher alone, so this is also `kill -TERM <its pid>`."""
+    def to_the_group(job, ranks):
+        assert all(os.getpgid(rank.pid) != job.process.pid for rank in ranks)
+        os.killpg(job.process.pid, signal.SIGTERM)
+
+    signalled_job_stops_cleanly(tmp_path / "run", to_the_group)
 
 
 @pytest.mark.slow
 def test_sigterm_to_every_process_of_the_job_returns_0_after_the_checkpoint(tmp_path):
     """As Slurm signals a job step: every process, DeepSpeed's and the ranks' included."""
-    run_dir = tmp_path / "run"
-    job = Job(run_dir)
-    with cleanup(job) as family:
-        job.wait_for_step(2)
-        ranks = job.ranks()
-        family += ranks
+    def to_every_process(job, ranks):
         for process in [psutil.Process(job.process.pid), *job.processes()]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGTERM)
-        returncode = job.process.wait(timeout=300)
-        complete_at_return = complete_checkpoints(run_dir)
-        stopped_cleanly(job, returncode, complete_at_return, ranks, run_dir)
+
+    signalled_job_stops_cleanly(tmp_path / "run", to_every_process)
 
 
 @pytest.mark.slow
