@@ -15,12 +15,21 @@ import pytest
 from tinyclip_ds.config import PROJECT_ROOT
 
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+FAULT_HOOKS = Path(__file__).parent / "workers" / "fault_hooks"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_during_save(rank: int, step: int) -> dict[str, str]:
+    """Environment in which rank ``rank`` of a launch SIGKILLs itself while saving the checkpoint of
+    ``step``, after writing its shards (workers/fault_hooks/sitecustomize.py, which every process
+    of the launch imports through PYTHONPATH)."""
+    path = os.pathsep.join(filter(None, [str(FAULT_HOOKS), os.environ.get("PYTHONPATH", "")]))
+    return {"TINYCLIP_DS_TEST_KILL_DURING_SAVE": f"{rank}:{step}", "PYTHONPATH": path}
 
 
 def launch(stage: str, *args: str, ranks: int = 1, timeout: int = 600, check: bool = True,

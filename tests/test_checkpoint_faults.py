@@ -19,14 +19,14 @@ import psutil
 import pytest
 import torch
 
-from conftest import DEEPSPEED, free_port, launch
+from conftest import DEEPSPEED, free_port, kill_during_save, launch
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError
 from tinyclip_ds.export import load_student_weights
 from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.checkpoint import (KILL_DURING_SAVE, MARKER, apply_retention, complete_checkpoints,
-                                          is_complete, plan_resume, resolve_resume, staging_dir, tag_for)
+from tinyclip_ds.train.checkpoint import (MARKER, apply_retention, complete_checkpoints, is_complete, plan_resume,
+                                          resolve_resume, staging_dir, tag_for)
 
 FAST = ["--set", "train.micro_batch=4", "--set", "train.global_batch=8", "--set", "train.accumulation=0",
         "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "eval.every=0",
@@ -41,7 +41,7 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint_latest(tmp_path
     common = [*FAST, "--set", f"run_dir={run_dir}", "--set", "ds_config=zero2_fp32", "--set", "train.steps=4",
               "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=1"]
     # Rank 1 SIGKILLs itself after writing its step-4 shards, before the completion barrier.
-    crashed = launch("stage1_text", *common, ranks=2, check=False, env={KILL_DURING_SAVE: "1:4"})
+    crashed = launch("stage1_text", *common, ranks=2, check=False, env=kill_during_save(rank=1, step=4))
     assert crashed.returncode != 0
     torn = staging_dir(run_dir, 4)
     assert (torn / "rank_00001.pt").is_file() and not is_complete(torn)
@@ -128,18 +128,18 @@ ENGINE_EMBEDDINGS = textwrap.dedent('''
     from tinyclip_ds.models.students import build_students
     from tinyclip_ds.recipe import load_recipe
     from tinyclip_ds.train import checkpoint
-    from tinyclip_ds.train.loop import build_engine
+    from tinyclip_ds.train.engine import build_engine
     from tinyclip_ds.train.run import prepare
     from tinyclip_ds.train.stage2 import LogitScale, Stage2Student
 
     run_dir, scratch, out = map(Path, sys.argv[1:])
     recipe = load_recipe(run_dir / "recipe.yaml", [f"run_dir={scratch}"])
     run = prepare(recipe, str(checkpoint.complete_checkpoints(run_dir)[-1]))
-    students = build_students(recipe, run.teacher.clip)
-    module = Stage2Student(students["image"], students["text"],
+    students = build_students(recipe.student, run.teacher.clip, recipe.towers, recipe.seed)
+    module = Stage2Student(students["image"].tower, students["text"].tower,
                            LogitScale(recipe.loss.logit_scale_init, recipe.loss.logit_scale_max), {},
                            Stage2Objective(recipe.loss).student_tokens)
-    engine = build_engine(module, run.ds_config, recipe)
+    engine = build_engine(module, run.ds_config, recipe.train)
     checkpoint.load(engine, run.resume_from)
     generator = torch.Generator().manual_seed(0)
     size = run.teacher.image_size
@@ -179,7 +179,8 @@ def test_exported_student_loads_strictly_and_matches_the_engine(tmp_path):
     weights = load_file(str(exported))
     assert {name.split(".", 1)[0] for name in weights} == {"image", "text"}
     assert all(value.dtype == torch.float32 for value in weights.values())
-    fresh = build_students(recipe, load_teacher(recipe.teacher).clip)
+    fresh = {kind: student.tower for kind, student in
+             build_students(recipe.student, load_teacher(recipe.teacher).clip, recipe.towers, recipe.seed).items()}
     for kind, tower in fresh.items():
         tower.load_state_dict({n[len(kind) + 1:]: v for n, v in weights.items() if n.startswith(kind + ".")},
                               strict=True)
@@ -191,7 +192,8 @@ def test_exported_student_loads_strictly_and_matches_the_engine(tmp_path):
             torch.testing.assert_close(image, expected["image"], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(text, expected["text"], rtol=1e-5, atol=1e-6)
     # Training moved the towers away from their initialisation: the comparison is not trivial.
-    untrained = build_students(recipe, load_teacher(recipe.teacher).clip)["image"].eval()
+    untrained = build_students(recipe.student, load_teacher(recipe.teacher).clip, ["image"],
+                               recipe.seed)["image"].tower.eval()
     with torch.no_grad():
         assert (untrained(expected["images"]).embedding - expected["image"]).abs().max() > 1e-3
 

@@ -20,12 +20,10 @@ from safetensors import safe_open
 
 from conftest import launch
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError
-from tinyclip_ds.data.digits import TEACHER_PATH
-from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import Stage1Objective
 from tinyclip_ds.export import export_weights, load_student_weights
 from tinyclip_ds.models.students import build_students, student_shapes
-from tinyclip_ds.models.teachers import load_teacher
+from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, load_teacher
 from tinyclip_ds.recipe import demo_recipe_path, load_recipe
 from tinyclip_ds.train import checkpoint
 from tinyclip_ds.train.monitor import Monitor
@@ -44,7 +42,7 @@ def stage1(tmp_path_factory):
     """``(run_dir, teacher file)`` of a 2-step stage1_image demo run (student heads: 4)."""
     root = tmp_path_factory.mktemp("compat")
     teacher = root / "teacher.safetensors"
-    shutil.copyfile(TEACHER_PATH, teacher)
+    shutil.copyfile(DEMO_TEACHER_PATH, teacher)
     run_dir = root / "stage1_image"
     launch("stage1_image", *FAST, "--set", f"run_dir={run_dir}", "--set", f"teacher.path={teacher}")
     return run_dir, teacher
@@ -80,15 +78,17 @@ def test_resume_with_another_student_or_stage_is_refused_before_anything_is_writ
     assert cli.returncode == 0 and exported.is_file(), cli.stderr[-3000:]
 
 
+def student_tower(recipe, teacher_clip, kind: str):
+    """The ``kind`` student tower the recipe builds."""
+    return build_students(recipe.student, teacher_clip, [kind], recipe.seed)[kind].tower
+
+
 def stage1_module(recipe, teacher_clip) -> Stage1Student:
-    """The engine module stage 1 builds for ``recipe`` (as train_stage1 does)."""
-    student = build_students(recipe, teacher_clip)["image"]
-    cfg = recipe.student.image
-    pairs = layer_map.resolve(cfg.layer_map, teacher_clip.visual.shape.depth, student.shape.depth,
-                              cfg.distill_layers, "student.image")
-    objective = Stage1Objective(recipe.loss, "image", teacher_clip.visual.shape, student.shape, pairs,
-                                "student.image")
-    return Stage1Student(student, objective)
+    """The engine module stage 1 builds for ``recipe`` (as Stage1Task does)."""
+    student = build_students(recipe.student, teacher_clip, ["image"], recipe.seed)["image"]
+    objective = Stage1Objective(recipe.loss, "image", teacher_clip.visual.shape, student.tower.shape,
+                                student.layer_pairs, "student.image")
+    return Stage1Student(student.tower, objective)
 
 
 def test_parameters_of_other_loss_terms_or_frozen_embeddings_are_refused_by_name(stage1):
@@ -116,24 +116,24 @@ def test_checkpoints_without_a_record_are_checked_by_their_parameter_shapes(stag
     (old / checkpoint.RECORD).unlink()
     recipe = load_recipe(checkpoint.recipe_of(old))
     teacher_clip = load_teacher(recipe.teacher).clip
-    checkpoint.check_resume(old, "stage1_image", student_shapes(recipe, teacher_clip))
+    checkpoint.check_resume(old, "stage1_image", student_shapes(recipe.student, teacher_clip, recipe.towers))
     with pytest.raises(RecipeError, match="saved by a stage1_image run; this recipe is stage1_text"):
         checkpoint.check_resume(old, "stage1_text", {})
     shallower = load_recipe(checkpoint.recipe_of(old), ["student.image.layers=2"])
     with pytest.raises(RecipeError, match=r"another shape than this recipe's: tower\.transformer\.blocks\.2\."
                                           r"attn\.out\.bias \[64\] \(this recipe: absent\)"):
-        checkpoint.check_resume(old, "stage1_image", student_shapes(shallower, teacher_clip))
+        checkpoint.check_resume(old, "stage1_image", student_shapes(shallower.student, teacher_clip, shallower.towers))
 
     # init_from: another depth is a one-line error, not a traceback; heads cannot be told, and it says so.
     monitor = Monitor(tmp_path / "monitor", enabled=True)
     shallower = load_recipe(demo_recipe_path("stage2"), [f"teacher.path={teacher}", f"student.image.init_from={old}",
                                                          "student.image.layers=2"])
     with pytest.raises(RecipeError, match=r"not hold a student\.image tower of this recipe's shape \(Unexpected key"):
-        initialise_from_stage1(build_students(shallower, teacher_clip)["image"], "image", shallower.student.image,
+        initialise_from_stage1(student_tower(shallower, teacher_clip, "image"), "image", shallower.student.image,
                                monitor)
     more_heads = load_recipe(demo_recipe_path("stage2"), [f"teacher.path={teacher}", f"student.image.init_from={old}",
                                                           "student.image.heads=8"])
-    initialise_from_stage1(build_students(more_heads, teacher_clip)["image"], "image", more_heads.student.image,
+    initialise_from_stage1(student_tower(more_heads, teacher_clip, "image"), "image", more_heads.student.image,
                            monitor)
     assert "head count and activation assumed to be this recipe's (student.image.heads=8" in capsys.readouterr().out
 
@@ -145,18 +145,18 @@ def test_init_from_refuses_another_student_shape_by_name(stage1, tmp_path):
     # Heads change no parameter shape: only the checkpoint's record tells 4 from 8.
     recipe = load_recipe(demo_recipe_path("stage2"), [*overrides, "student.image.heads=8"])
     teacher_clip = load_teacher(recipe.teacher).clip
-    image = build_students(recipe, teacher_clip)["image"]
+    image = student_tower(recipe, teacher_clip, "image")
     with pytest.raises(RecipeError, match=r"'student\.image\.init_from': the stage-1 checkpoint .* was saved with "
                                           r"student\.image\.heads=4; this recipe has student\.image\.heads=8"):
         initialise_from_stage1(image, "image", recipe.student.image, monitor)
     recipe = load_recipe(demo_recipe_path("stage2"), [*overrides, f"student.text.init_from={run_dir}"])
-    text = build_students(recipe, teacher_clip)["text"]
+    text = student_tower(recipe, teacher_clip, "text")
     with pytest.raises(RecipeError, match="was saved by a stage1_image run; it takes a stage1_text run"):
         initialise_from_stage1(text, "text", recipe.student.text, monitor)
 
     # The stage-1 shape loads, and holds the trained weights.
     recipe = load_recipe(demo_recipe_path("stage2"), overrides)
-    image = build_students(recipe, teacher_clip)["image"]
+    image = student_tower(recipe, teacher_clip, "image")
     initialise_from_stage1(image, "image", recipe.student.image, monitor)
     trained = checkpoint.consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
     for name, value in image.state_dict().items():
@@ -172,7 +172,7 @@ def test_exported_students_load_without_the_teacher_from_any_directory(stage1, t
 
     # The trained student as the run built it (with its teacher) and loaded from the checkpoint.
     recipe = load_recipe(checkpoint.recipe_of(checkpoint.find_checkpoint(run_dir)))
-    trained = build_students(recipe, load_teacher(recipe.teacher).clip)["image"].eval()
+    trained = student_tower(recipe, load_teacher(recipe.teacher).clip, "image").eval()
     state = checkpoint.consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
     trained.load_state_dict({name[len("tower."):]: value for name, value in state.items()
                              if name.startswith("tower.")})

@@ -481,7 +481,7 @@ def test_too_little_data_for_one_global_batch():
 
 @pytest.fixture(scope="module")
 def digits():
-    return pytest.importorskip("tinyclip_ds.data.digits")
+    return pytest.importorskip("tinyclip_ds.demo.data")
 
 
 def test_demo_sources(digits):
@@ -506,7 +506,9 @@ def test_demo_sources(digits):
     assert labels == [label for _, label in digits.digit_images("heldout")]
     assert classnames == digits.DIGIT_NAMES and templates == digits.SINGLE_TEMPLATES
 
-    tokenizer = digits.DigitsTokenizer()
+    from tinyclip_ds.demo.teacher import demo_tokenizer
+
+    tokenizer = demo_tokenizer()
     dataset = PairDataset(pairs, train_transform(digits.IMAGE_SIZE, MEAN, STD), tokenizer)
     sample = dataset[(0, 3)]
     assert sample["image"].shape == (3, digits.IMAGE_SIZE, digits.IMAGE_SIZE)

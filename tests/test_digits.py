@@ -12,9 +12,16 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torchvision import transforms
 
-from tinyclip_ds.data.digits import (DIGIT_NAMES, GLYPH, IMAGE_SIZE, SINGLE_TEMPLATES, TEACHER_PATH,
-                                     DigitsTokenizer, digit_images, digit_pairs, digit_split,
-                                     load_digits_teacher, pair_caption, single_captions)
+from safetensors.torch import load_file, save_file
+
+from tinyclip_ds.demo.data import (DIGIT_NAMES, GLYPH, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
+                                   digit_split, pair_caption, single_captions)
+from tinyclip_ds.demo.teacher import demo_tokenizer, teacher_shapes, vocabulary
+from tinyclip_ds.config import RecipeError
+from tinyclip_ds.models.teachers import (DEMO_TEACHER_PATH, TeacherConfig, load_teacher, load_word_teacher,
+                                         save_word_teacher)
+from tinyclip_ds.models.tokenizer import WordTokenizer
+from tinyclip_ds.models.transformer import Clip
 
 TOP = (IMAGE_SIZE - GLYPH) // 2
 
@@ -92,7 +99,7 @@ def test_heldout_pairs_are_a_clean_retrieval_set(glyph_labels):
 
 
 def test_tokenizer_round_trips_known_words():
-    tokenizer = DigitsTokenizer()
+    tokenizer = demo_tokenizer()
     texts = ["A photo of the number SEVEN!", pair_caption(3, 7)]
     expected_words = [["a", "photo", "of", "the", "number", "seven"],
                       ["a", "3", "on", "the", "left", "and", "a", "7", "on", "the", "right"]]
@@ -107,7 +114,7 @@ def test_tokenizer_round_trips_known_words():
 
 
 def test_tokenizer_vocabulary_covers_the_demo_and_maps_the_rest_to_unknown():
-    tokenizer = DigitsTokenizer()
+    tokenizer = demo_tokenizer()
     demo_words = {w for text in single_captions() + [pair_caption(l, r) for l in range(10) for r in range(10)]
                   for w in re.findall(r"[a-z0-9]+", text.lower())}
     assert demo_words | set(DIGIT_NAMES) | set("0123456789") <= set(tokenizer.vocab)
@@ -119,7 +126,7 @@ def test_tokenizer_vocabulary_covers_the_demo_and_maps_the_rest_to_unknown():
 
 
 def test_tokenizer_truncates_keeping_eot_and_pickles():
-    tokenizer = DigitsTokenizer(context_length=6)
+    tokenizer = demo_tokenizer(context_length=6)
     ids = tokenizer(["one two three four five six seven"])[0].tolist()
     assert ids == [tokenizer.start_token_id, *[tokenizer.ids[w] for w in ["one", "two", "three", "four"]],
                    tokenizer.eot_token_id]
@@ -127,9 +134,22 @@ def test_tokenizer_truncates_keeping_eot_and_pickles():
     assert torch.equal(pickle.loads(pickle.dumps(tokenizer))(texts), tokenizer(texts))
 
 
+def test_word_tokenizer_ids_follow_the_vocabulary_and_refuse_bad_words():
+    tokenizer = WordTokenizer(["zebra", "a", "7"], context_length=5)
+    assert tokenizer.vocab == ["<pad>", "<start>", "<end>", "<unk>", "zebra", "a", "7"]
+    assert tokenizer("A zebra, 7!").tolist() == [[1, 5, 4, 6, 2]]
+    assert tokenizer("dog").tolist() == [[1, 3, 2, 0, 0]]  # a lone string is one text
+    with pytest.raises(ValueError, match=r"more than once"):
+        WordTokenizer(["a", "b", "a"], 8)
+    with pytest.raises(ValueError, match=r"lowercase a-z/0-9.*'Zebra'"):
+        WordTokenizer(["Zebra"], 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        WordTokenizer(["a"], 1)
+
+
 def test_shipped_teacher_zero_shot_on_heldout_singles():
-    assert TEACHER_PATH.stat().st_size <= 3_000_000
-    clip, tokenizer, mean, std = load_digits_teacher()
+    assert DEMO_TEACHER_PATH.stat().st_size <= 3_000_000
+    clip, tokenizer, mean, std = load_word_teacher(DEMO_TEACHER_PATH)
     assert clip.text.shape.eot_token_id == tokenizer.eot_token_id
     assert all(p.dtype == torch.float32 for p in clip.parameters())
     preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
@@ -146,7 +166,7 @@ def test_shipped_teacher_zero_shot_on_heldout_singles():
 
 
 def test_shipped_teacher_retrieves_heldout_pairs():
-    clip, tokenizer, mean, std = load_digits_teacher()
+    clip, tokenizer, mean, std = load_word_teacher(DEMO_TEACHER_PATH)
     preprocess = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     pairs = digit_pairs("heldout")
     with torch.no_grad():
@@ -156,3 +176,36 @@ def test_shipped_teacher_retrieves_heldout_pairs():
     truth = torch.arange(100)
     assert (similarity.argmax(dim=0) == truth).float().mean() >= 0.8  # text → image R@1
     assert (similarity.argmax(dim=1) == truth).float().mean() >= 0.8  # image → text R@1
+
+
+def test_shipped_teacher_describes_itself_as_the_demo_code_does():
+    """The file's metadata (what loading reads) agrees with the demo's vocabulary and shapes."""
+    clip, tokenizer, mean, std = load_word_teacher(DEMO_TEACHER_PATH)
+    assert tokenizer.vocab[4:] == vocabulary()
+    assert torch.equal(tokenizer(single_captions()), demo_tokenizer()(single_captions()))
+    vision, text = teacher_shapes(demo_tokenizer())
+    assert (clip.visual.shape, clip.text.shape) == (vision, text)
+    assert mean == std == (0.5, 0.5, 0.5)
+
+
+def test_word_teacher_files_round_trip_and_others_are_refused(tmp_path):
+    torch.manual_seed(0)
+    clip = Clip(*teacher_shapes(demo_tokenizer())).eval()
+    path = tmp_path / "teacher.safetensors"
+    save_word_teacher(path, clip, vocabulary(), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    loaded, tokenizer, mean, std = load_word_teacher(path)
+    assert (mean, std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert tokenizer.vocab == demo_tokenizer().vocab and tokenizer.context_length == 16
+    for name, value in clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.half().float()), name
+    with pytest.raises(ValueError, match="cannot read a WordTokenizer of 42 ids"):
+        save_word_teacher(path, clip, [*vocabulary(), "zebra"], mean, std)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(path)), str(bare))  # the same tensors without the metadata
+    with pytest.raises(ValueError, match=r"no 'word_teacher' metadata.*python -m tinyclip_ds\.demo\.teacher"):
+        load_word_teacher(bare)
+    with pytest.raises(RecipeError, match=r"teacher\.path: .*bare\.safetensors has no 'word_teacher' metadata"):
+        load_teacher(TeacherConfig(source="demo", path=str(bare)))
+    assert load_teacher(TeacherConfig(source="demo", path=str(path))).tokenizer.vocab == tokenizer.vocab
+    with pytest.raises(FileNotFoundError, match="python -m tinyclip_ds.demo.teacher"):
+        load_word_teacher(tmp_path / "absent.safetensors")

@@ -26,7 +26,7 @@ HANG = 240  # seconds after which a run that should have ended counts as hung
 
 def digit_files(folder, count: int) -> list[str]:
     """Write ``count`` demo digit images as PNG files; their names."""
-    from tinyclip_ds.data.digits import digit_images
+    from tinyclip_ds.demo.data import digit_images
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -57,7 +57,7 @@ def test_no_readable_image_stops_stage1_with_an_error_naming_the_source(tmp_path
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "stopping at step" in line]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert "stopping at step 0: 4 micro-batches in a row had too few usable samples" in errors[0]
+    assert "stopping at step 0: 4 steps in a row had too few usable samples" in errors[0]
     assert f"came from {bad} 32 (zero_byte 32)" in errors[0] and "no step was trained" in errors[0]
     assert "Traceback" not in result.stderr
 

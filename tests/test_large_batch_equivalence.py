@@ -1,5 +1,6 @@
-"""Contrastive-correct large batches: micro 4 × accumulation 4 × 2 ranks gives the gradient of
-one batch of 32 on one rank; plain accumulation does not."""
+"""Contrastive-correct large batches: micro 4 × accumulation 4 × 2 ranks (feature cache) and
+micro 16 × 2 ranks (direct step, features gathered with gradient) give the gradient of one batch
+of 32 on one rank; plain accumulation does not."""
 
 from __future__ import annotations
 
@@ -43,9 +44,8 @@ def reference(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("ref"), "reference", 1, "--micro", "32", "--accumulation", "1")
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_feature_cache_equals_one_big_batch(tmp_path, reference, zero):
-    distributed = run_worker(tmp_path, "cache", 2, "--micro", "4", "--accumulation", "4", "--zero", str(zero))
+def assert_same_step(distributed: dict, reference: dict) -> None:
+    """Every gradient, every updated parameter and the logged loss of each term agree."""
     for term in ("contrastive", "affinity", "filip"):
         ref, got = reference[term], distributed[term]
         assert set(got["grads"]) == set(ref["grads"]) and len(ref["grads"]) > 10
@@ -60,6 +60,17 @@ def test_feature_cache_equals_one_big_batch(tmp_path, reference, zero):
             torch.testing.assert_close(got["params"][name], param, rtol=1e-5, atol=1e-8,
                                        msg=lambda m: f"{term} {name}: {m}")
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_feature_cache_equals_one_big_batch(tmp_path, reference, zero):
+    assert_same_step(run_worker(tmp_path, "cache", 2, "--micro", "4", "--accumulation", "4", "--zero", str(zero)),
+                     reference)
+
+
+def test_direct_step_on_two_ranks_equals_one_big_batch(tmp_path, reference):
+    assert_same_step(run_worker(tmp_path, "direct", 2, "--micro", "16", "--accumulation", "1", "--zero", "2"),
+                     reference)
 
 
 def test_plain_accumulation_does_not_match(tmp_path, reference):

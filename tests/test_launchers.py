@@ -14,10 +14,10 @@ import time
 import psutil
 import pytest
 
-from conftest import free_port
+from conftest import free_port, kill_during_save
 from test_checkpoint_faults import FAST, preempted_at
 from tinyclip_ds.config import PROJECT_ROOT
-from tinyclip_ds.train.checkpoint import KILL_DURING_SAVE, complete_checkpoints, tag_for
+from tinyclip_ds.train.checkpoint import complete_checkpoints, tag_for
 
 STAGES = ["stage1_image", "stage1_text", "stage2"]
 
@@ -216,7 +216,8 @@ def test_a_rank_that_dies_fails_the_launcher_with_its_status(tmp_path):
     """Rank 1 dies (SIGKILL) while saving step 2: the launcher stops the other rank and exits
     with the dead rank's status, as a shell reports it (DeepSpeed's launcher reported 247)."""
     run_dir = tmp_path / "run"
-    job = Job(run_dir, "--set", "train.steps=4", "--set", "checkpoint.every=2", env={KILL_DURING_SAVE: "1:2"})
+    job = Job(run_dir, "--set", "train.steps=4", "--set", "checkpoint.every=2",
+              env=kill_during_save(rank=1, step=2))
     with cleanup(job):
         returncode = job.process.wait(timeout=300)
         output = job.finish()

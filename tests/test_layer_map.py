@@ -3,8 +3,8 @@
 import pytest
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.distill import layer_map
-from tinyclip_ds.distill.layer_map import inheritance_map, resolve
+from tinyclip_ds.models import layer_map
+from tinyclip_ds.models.layer_map import inheritance_map, resolve
 
 KEY = "student.image"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import launch, read_metrics, read_tensorboard
-from tinyclip_ds.train.checkpoint import complete_checkpoints
+from tinyclip_ds.train.checkpoint import complete_checkpoints, consolidated_state_dict
 
 FAST = ["--set", "train.micro_batch=16", "--set", "train.warmup_steps=1", "--set", "train.lr=2e-3",
         "--set", "eval.batch_size=64", "--set", "train.log_every=1", "--set", "data.num_workers=0"]
@@ -67,7 +67,7 @@ def test_demo_trains_logs_evaluates_checkpoints_and_resumes(tmp_path, stage, ran
 
 
 def test_unreadable_image_is_skipped_and_counted(tmp_path):
-    from tinyclip_ds.data.digits import digit_images
+    from tinyclip_ds.demo.data import digit_images
 
     folder = tmp_path / "images" / "nested"
     folder.mkdir(parents=True)
@@ -89,18 +89,24 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     assert all(np.isfinite(losses_of(run_dir)))
 
 
-def test_nonfinite_losses_are_dropped_then_stop_the_run_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero0_fp32", "zero2_bf16"])
+def test_nonfinite_losses_skip_steps_then_stop_the_run_with_a_checkpoint(tmp_path, ds_config):
     """An absurd learning rate makes the weights overflow after the first step: every later loss
-    is non-finite; each is dropped and counted, and train.max_nonfinite in a row stop the run
-    with a checkpoint and a message that says what to do."""
+    is non-finite; each such step is skipped (nothing applied) and counted, and
+    train.max_nonfinite in a row stop the run with a checkpoint and a message that says what to
+    do. ZeRO-0 fp32 is skipped by the library, ZeRO-2 bf16 by DeepSpeed's optimizer."""
     run_dir = tmp_path / "run"
     result = launch("stage1_text", *FAST, "--set", f"run_dir={run_dir}", "--set", "train.steps=20",
                     "--set", "train.lr=1e30", "--set", "train.warmup_steps=0", "--set", "train.max_nonfinite=3",
-                    "--set", "eval.every=0", "--set", "checkpoint.every=0", check=False)
+                    "--set", "eval.every=0", "--set", "checkpoint.every=0", "--set", "train.accumulation=2",
+                    "--set", f"ds_config={ds_config}", check=False)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.count("non-finite loss, micro-batch dropped") == 3
+    assert result.stdout.count("non-finite loss, step skipped") == 3
     assert "stopping: 3 non-finite losses in a row" in result.stdout and "--resume auto" in result.stdout
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step_00000001"]
+    # Saved after the three skipped steps: had any of them been applied, the weights would be NaN.
+    weights = consolidated_state_dict(complete_checkpoints(run_dir)[0])
+    assert weights and all(bool(value.float().isfinite().all()) for value in weights.values())
 
 
 def test_throughput_prints_significant_digits():

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError, build, load_yaml_tree
-from tinyclip_ds.models.students import (StudentConfig, StudentTowerConfig, build_student_tower,
-                                         build_students, student_shape)
+from tinyclip_ds.models import layer_map
+from tinyclip_ds.models.students import (StudentConfig, StudentTowerConfig, build_student, build_students,
+                                         student_shape, student_shapes, tower_of)
 from tinyclip_ds.models.students import shape_differences, shape_record, tower_from_record
-from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import Clip, Request, TowerShape
 from tinyclip_ds.recipe import Recipe
+from tinyclip_ds.summary import summarize
 
 VISION = TowerShape(width=64, layers=12, heads=4, mlp_width=256, output_dim=32, act="gelu",
                     image_size=32, patch_size=8)
@@ -33,8 +34,9 @@ def random_teacher(seed: int = 0) -> Clip:
     return clip
 
 
-def tower_of(clip: Clip, kind: str):
-    return clip.visual if kind == "image" else clip.text
+def student_tower(kind: str, teacher, cfg: StudentTowerConfig, key: str):
+    """The tower of `build_student`."""
+    return build_student(kind, teacher, cfg, key).tower
 
 
 def inputs(kind: str, batch: int = 2, length: int = 10):
@@ -99,7 +101,7 @@ def expected_parameters(kind: str, s: TowerShape) -> tuple[int, int]:
 def weight_share_student(kind: str):
     """2 unique blocks, each applied twice: 4 effective layers."""
     cfg = StudentTowerConfig(layers=2, repeat=2, width=32, heads=2, init="random")
-    return build_student_tower(kind, tower_of(random_teacher(), kind), cfg, f"student.{kind}").eval()
+    return student_tower(kind, tower_of(random_teacher(), kind), cfg, f"student.{kind}").eval()
 
 
 @pytest.mark.parametrize("kind", ["image", "text"])
@@ -173,14 +175,14 @@ def test_intermediates_of_selected_effective_layers(kind):
 def test_inheritance_with_the_teachers_shape_reproduces_the_teacher(kind):
     teacher = tower_of(random_teacher(), kind)
     same = StudentTowerConfig(layers=12, mlp_ratio=4.0, init="inherit")
-    student = build_student_tower(kind, teacher, same, f"student.{kind}").eval()
+    student = student_tower(kind, teacher, same, f"student.{kind}").eval()
     assert student.shape == teacher.shape
     x = inputs(kind)
     request = Request(layers=tuple(range(12)), hidden=True, embeddings=True)
     with torch.no_grad():
         want, got = teacher(x, request), student(x, request)
-        fresh = build_student_tower(kind, teacher, StudentTowerConfig(layers=12, init="random"),
-                                    f"student.{kind}").eval()(x).embedding
+        fresh = student_tower(kind, teacher, StudentTowerConfig(layers=12, init="random"),
+                              f"student.{kind}").eval()(x).embedding
     torch.testing.assert_close(got.embedding, want.embedding, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.embeddings, want.embeddings, atol=1e-6, rtol=0)
     for layer in range(12):
@@ -191,7 +193,7 @@ def test_inheritance_with_the_teachers_shape_reproduces_the_teacher(kind):
 def test_weight_share_inherits_first_application_blocks_and_own_norms():
     teacher = random_teacher().visual
     cfg = StudentTowerConfig(layers=2, repeat=2, layer_map=[0, 11], distill_layers=[1, 3])
-    student = build_student_tower("image", teacher, cfg, "student.image")
+    student = student_tower("image", teacher, cfg, "student.image")
     # the explicit list covers only 2 of 4 effective layers, so inheritance maps all 4
     # uniformly: effective layers 0..3 ↔ teacher 2, 5, 8, 11; block u ← effective layer 2u
     for unique, source in enumerate([2, 8]):
@@ -208,7 +210,7 @@ def test_sliced_inheritance_takes_leading_channels():
     teacher = random_teacher().text
     cfg = StudentTowerConfig(layers=3, width=24, heads=6, mlp_ratio=2.0, output_dim=16,
                              context_length=8, layer_map="end")
-    student = build_student_tower("text", teacher, cfg, "student.text")
+    student = student_tower("text", teacher, cfg, "student.text")
     w, m = 24, 48
     for unique, source in enumerate([9, 10, 11]):
         s, t = student.transformer.blocks[unique], teacher.transformer.blocks[source]
@@ -230,15 +232,15 @@ def test_sliced_inheritance_takes_leading_channels():
 
 def test_other_patch_size_leaves_patch_and_positions_random():
     teacher = random_teacher().visual
-    student = build_student_tower("image", teacher, StudentTowerConfig(patch_size=16), "student.image")
+    student = student_tower("image", teacher, StudentTowerConfig(patch_size=16), "student.image")
     assert student.patch_embed.weight.shape == (64, 3, 16, 16)
     assert student.positional_embedding.shape == (5, 64)
     assert not torch.allclose(student.positional_embedding, teacher.positional_embedding[:5], atol=1e-3)
     assert torch.equal(student.class_embedding, teacher.class_embedding)
     assert "left random: patch_embed.weight, positional_embedding" in student.init_notes[-1]
     with pytest.raises(RecipeError, match=r"'student\.image\.freeze_embed'.*patch_size' = 16"):
-        build_student_tower("image", teacher, StudentTowerConfig(patch_size=16, freeze_embed=True),
-                            "student.image")
+        student_tower("image", teacher, StudentTowerConfig(patch_size=16, freeze_embed=True),
+                      "student.image")
 
 
 @pytest.mark.parametrize("fields, pattern", [
@@ -251,8 +253,8 @@ def test_other_patch_size_leaves_patch_and_positions_random():
 ])
 def test_impossible_students_name_the_key(fields, pattern):
     with pytest.raises(RecipeError, match=pattern):
-        build_student_tower("image", random_teacher().visual, StudentTowerConfig(**fields),
-                            "student.image")
+        student_tower("image", random_teacher().visual, StudentTowerConfig(**fields),
+                      "student.image")
 
 
 @pytest.mark.parametrize("init", ["random", "inherit"])
@@ -264,7 +266,7 @@ def test_freeze_embed_copies_and_freezes_exactly_the_embeddings(kind, frozen, in
     teacher = tower_of(random_teacher(), kind)
     extra = {"context_length": 8} if kind == "text" else {}
     cfg = StudentTowerConfig(width=32, heads=2, layers=2, init=init, freeze_embed=True, **extra)
-    student = build_student_tower(kind, teacher, cfg, f"student.{kind}")
+    student = student_tower(kind, teacher, cfg, f"student.{kind}")
     assert {n for n, p in student.named_parameters() if not p.requires_grad} == frozen
     teacher_params = dict(teacher.named_parameters())
     for name, param in student.named_parameters():
@@ -309,7 +311,7 @@ def test_every_fragment_inherits_from_a_b32_teacher(path, b32_teacher):
     cfg = getattr(build(StudentConfig, tree["student"], origins, "student."), kind)
     width, layers, heads = (int(part[1:]) for part in path.stem.split("-")[:3])
     teacher = tower_of(b32_teacher, kind)
-    student = build_student_tower(kind, teacher, cfg, f"student.{kind}")
+    student = student_tower(kind, teacher, cfg, f"student.{kind}")
     assert (student.shape.width, student.shape.layers, student.shape.heads) == (width, layers, heads)
     for unique, source in enumerate(BLOCK_SOURCES[cfg.repeat]):
         s, t = student.transformer.blocks[unique], teacher.transformer.blocks[source]
@@ -333,19 +335,38 @@ def test_build_students_is_seeded_and_keeps_the_global_rng():
         image=StudentTowerConfig(width=32, heads=2, layers=2, init="random"),
         text=StudentTowerConfig(width=32, heads=2, layers=2, init="inherit")))
     state = torch.random.get_rng_state()
-    first = build_students(recipe, teacher)
+    first = build_students(recipe.student, teacher, recipe.towers, recipe.seed)
     assert torch.equal(torch.random.get_rng_state(), state)
-    second = build_students(recipe, teacher)
+    second = build_students(recipe.student, teacher, recipe.towers, recipe.seed)
     assert sorted(first) == ["image", "text"]
     for kind in first:
-        for (name, a), b in zip(first[kind].state_dict().items(), second[kind].state_dict().values()):
+        for (name, a), b in zip(first[kind].tower.state_dict().items(),
+                                second[kind].tower.state_dict().values()):
             assert torch.equal(a, b), name
-    recipe.seed = 4
-    third = build_students(recipe, teacher)
-    assert not torch.equal(third["image"].proj, first["image"].proj)
+    third = build_students(recipe.student, teacher, recipe.towers, seed=4)
+    assert not torch.equal(third["image"].tower.proj, first["image"].tower.proj)
     recipe.student.text.heads = 5
     with pytest.raises(RecipeError, match=r"'student\.text\.heads' = 5"):
-        build_students(recipe, teacher)
+        build_students(recipe.student, teacher, recipe.towers, recipe.seed)
+
+
+def test_build_students_carries_the_teacher_tower_and_the_layer_pairs_once():
+    teacher = random_teacher()
+    cfg = StudentConfig(image=StudentTowerConfig(layers=2, repeat=2, distill_layers=[1, 3]),
+                        text=StudentTowerConfig(layers=4, layer_map=[0, 1, 10, 11]))
+    students = build_students(cfg, teacher, ["text"], seed=0)
+    assert list(students) == ["text"]  # only the kinds asked for
+    students = build_students(cfg, teacher, ["image", "text"], seed=0)
+    image, text = students["image"], students["text"]
+    assert (image.kind, image.key, text.kind, text.key) == ("image", "student.image", "text", "student.text")
+    assert image.teacher is teacher.visual and text.teacher is teacher.text
+    # 2 selected of 4 effective layers, uniform: floor((i+1)·12/2) − 1 = 5, 11
+    assert image.layer_pairs == [(1, 5), (3, 11)]
+    assert text.layer_pairs == [(0, 0), (1, 1), (2, 10), (3, 11)]
+    assert image.layer_pairs == layer_map.resolve("uniform", 12, 4, [1, 3], "student.image")
+    assert {kind: s.tower.shape for kind, s in students.items()} == student_shapes(cfg, teacher, ["image", "text"])
+    with pytest.raises(RecipeError, match=r"'student\.image\.layer_map'.*did you mean 'uniform'"):
+        build_students(StudentConfig(image=StudentTowerConfig(layer_map="unfiorm")), teacher, ["image"], 0)
 
 
 def test_summary_lists_sizes_maps_and_inheritance():
@@ -353,22 +374,22 @@ def test_summary_lists_sizes_maps_and_inheritance():
     recipe = Recipe(name="tiny", stage="stage2", student=StudentConfig(
         image=StudentTowerConfig(width=32, heads=2, layers=2, repeat=2, distill_layers=[1, 3]),
         text=StudentTowerConfig(layers=4, layer_map=[0, 1, 10, 11], freeze_embed=True)))
-    students = build_students(recipe, teacher)
+    students = build_students(recipe.student, teacher, recipe.towers, recipe.seed)
     text = summarize(recipe, teacher, students)
     lines = text.splitlines()
     image_student = next(line.split() for line in lines if line.startswith("image") and "student" in line)
-    assert image_student[2] == f"{count(students['image']) / 1e6:.2f}M"
-    assert image_student[4] == f"{count(students['image']) / count(teacher.visual):.2f}"
+    assert image_student[2] == f"{count(students['image'].tower) / 1e6:.2f}M"
+    assert image_student[4] == f"{count(students['image'].tower) / count(teacher.visual):.2f}"
     assert image_student[5:11] == ["4", "2×2", "32", "2", "128", "32"]
     text_student = next(line.split() for line in lines if line.startswith("text") and "student" in line)
     frozen = TEXT.vocab_size * 48 + TEXT.context_length * 48
-    assert text_student[3] == f"{(count(students['text']) - frozen) / 1e6:.2f}M"
+    assert text_student[3] == f"{(count(students['text'].tower) - frozen) / 1e6:.2f}M"
     # 2 selected of 4 effective layers, uniform: floor((i+1)·12/2) − 1 = 5, 11
     assert "image distilled layers (student←teacher, layer_map 'uniform'): 1←5 3←11" in lines
     assert "text distilled layers (student←teacher, layer_map [0, 1, 10, 11]): 0←0 1←1 2←10 3←11" in lines
     assert "image init: blocks ← teacher layers [2, 8]" in lines
     assert any(line.startswith("text init: frozen") for line in lines)
-    assert math.isclose(float(image_student[4]), count(students["image"]) / count(teacher.visual), abs_tol=0.005)
+    assert math.isclose(float(image_student[4]), count(students["image"].tower) / count(teacher.visual), abs_tol=0.005)
 
 
 # --------------------------------------------------------------------------- shape records
@@ -378,7 +399,7 @@ def test_shape_record_rebuilds_the_tower_and_names_every_difference(kind):
     """A recorded shape (checkpoints, exports) rebuilds the tower without the teacher, and head
     count and activation — which change no parameter shape — are told apart by name."""
     cfg = StudentTowerConfig(layers=2, width=32, heads=2, repeat=2, act="gelu")
-    student = build_student_tower(kind, tower_of(random_teacher(), kind), cfg, f"student.{kind}")
+    student = student_tower(kind, tower_of(random_teacher(), kind), cfg, f"student.{kind}")
     record = json.loads(json.dumps(shape_record(kind, student.shape)))
     rebuilt = tower_from_record(kind, record)
     assert rebuilt.shape == student.shape.replace(dropout=0.0)

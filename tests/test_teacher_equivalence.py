@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data.tokenizer import ClipTokenizer, HfClipTokenizer
+from tinyclip_ds.models.tokenizer import ClipTokenizer, HfClipTokenizer
 from tinyclip_ds.models.teachers import (
     CheckpointMismatchError,
     Teacher,

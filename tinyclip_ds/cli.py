@@ -76,7 +76,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Build the recipe's teacher and students and print their sizes and layer maps."""
-    from tinyclip_ds.models.summary import summarize
+    from tinyclip_ds.summary import summarize
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(summarize(recipe))
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """One training rank (what the stage launchers run on every rank)."""
     recipe = load_recipe(args.recipe, args.overrides, stage=args.stage)
     check_run_dir(recipe)
-    from tinyclip_ds.train.run import train  # heavy imports only once the recipe is valid
+    from tinyclip_ds.train.loop import train  # heavy imports only once the recipe is valid
 
     return train(recipe, resume=args.resume)
 

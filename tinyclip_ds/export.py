@@ -56,7 +56,8 @@ def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | N
     shapes = checkpoint.saved_record(path)["towers"]
     if not shapes:  # saved before checkpoints recorded their shapes: ask the teacher
         shapes = {kind: shape_record(kind, shape)
-                  for kind, shape in student_shapes(recipe, load_teacher(recipe.teacher).clip).items()}
+                  for kind, shape in student_shapes(recipe.student, load_teacher(recipe.teacher).clip,
+                                                   recipe.towers).items()}
     engine_state = checkpoint.consolidated_state_dict(path)
     weights = student_state_dict(engine_state, recipe.stage)
     metadata = {"recipe": recipe_text, "stage": recipe.stage, "students": json.dumps(shapes),
@@ -106,5 +107,6 @@ def load_student_weights(path: str | Path) -> tuple[Recipe, dict[str, Tower]]:
         except RecipeError as err:
             raise RecipeError(f"{path} was exported by an older version that did not record the student "
                               f"shapes, so building its students needs the recipe's teacher: {err}") from None
-        shapes = {kind: shape_record(kind, shape) for kind, shape in student_shapes(recipe, teacher.clip).items()}
+        shapes = {kind: shape_record(kind, shape)
+                  for kind, shape in student_shapes(recipe.student, teacher.clip, recipe.towers).items()}
     return recipe, towers_with(shapes, weights)

@@ -22,6 +22,7 @@ from tinyclip_ds.config import (PROJECT_ROOT, Range, RecipeError, apply_override
 from tinyclip_ds.data import sources
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.distill.objectives import LossConfig
+from tinyclip_ds.distill.terms import TERMS
 from tinyclip_ds.eval.evaluator import EvalConfig, check_images, resolve_templates
 from tinyclip_ds.models.students import StudentConfig
 from tinyclip_ds.models.teachers import TeacherConfig, check_openai_options
@@ -94,10 +95,6 @@ def demo_recipe_path(stage: str) -> Path:
     return PROJECT_ROOT / "recipes" / "demo" / f"{stage}.yaml"
 
 
-STAGE1_TERMS = ("emb", "hidden", "attn_scores", "attn_probs", "attn_relation", "value_relation",
-                "rep_l1", "rep_mse", "rep_cos", "rep_kl", "rep_relation", "vit_kd")
-STAGE2_TERMS = ("contrastive", "affinity", "fd", "icl", "filip", "filip_distill")
-
 _AT_LEAST_0, _AT_LEAST_1, _POSITIVE = Range(0), Range(1), Range(0, open_low=True)
 _TEACHERS = Range(0, note="0 = the teacher's")
 _TOWER_RANGES = {
@@ -113,7 +110,7 @@ RANGES: dict[str, Range] = {
     "data.randaugment_ops": _AT_LEAST_0,
     "data.randaugment_magnitude": Range(0, 30),
     "data.num_workers": Range(0, note="0 = load in the training process"),
-    **{f"loss.{term}": Range(0, note="0 = off") for term in STAGE1_TERMS + STAGE2_TERMS},
+    **{f"loss.{term}": Range(0, note="0 = off") for term in TERMS},
     "loss.rep_kl_temperature": _POSITIVE,
     "loss.rep_relation_temperature": _POSITIVE,
     "loss.relation_heads": Range(0, note="0 = the teacher's heads"),
@@ -187,17 +184,20 @@ def validate(recipe: Recipe, origins: dict | None = None) -> None:
     data_key = {"stage1_image": "images", "stage1_text": "captions", "stage2": "pairs"}[recipe.stage]
     if not getattr(recipe.data, data_key):
         raise RecipeError(f"a {recipe.stage} recipe needs training data in 'data.{data_key}'")
-    weights = {t: getattr(recipe.loss, t) for t in STAGE1_TERMS + STAGE2_TERMS}
+    weights = {name: getattr(recipe.loss, name) for name in TERMS}
     if recipe.stage != "stage2":
-        wrong = [t for t in STAGE2_TERMS if weights[t]]
+        wrong = [name for name, term in TERMS.items() if term.stage == "stage2" and weights[name]]
         if wrong:
             raise RecipeError(f"{', '.join(f'loss.{t}' for t in wrong)} need paired data and both "
                               f"towers: they are stage2 terms, not {recipe.stage} terms")
-        if recipe.stage == "stage1_text" and weights["vit_kd"]:
-            raise RecipeError("'loss.vit_kd' applies to the image tower only; use it in a stage1_image recipe")
-    if weights["rep_relation"] and train.micro_batch < 2:
-        raise RecipeError("'loss.rep_relation' compares the samples of a micro-batch with each other: "
-                          "'train.micro_batch' must be at least 2")
+        for name, term in TERMS.items():
+            if weights[name] and recipe.towers[0] not in term.towers:
+                raise RecipeError(f"'loss.{name}' applies to the {' and '.join(term.towers)} tower only; "
+                                  f"use it in a stage1_{term.towers[0]} recipe")
+    for name, term in TERMS.items():
+        if weights[name] and term.in_batch and train.micro_batch < 2:
+            raise RecipeError(f"'loss.{name}' compares the samples of a micro-batch with each other: "
+                              f"'train.micro_batch' must be at least 2")
     if not any(weights.values()):
         raise RecipeError("no loss term is switched on: give at least one 'loss.<term>' a weight > 0")
 

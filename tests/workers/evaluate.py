@@ -9,9 +9,9 @@ import json
 import torch
 
 from tinyclip_ds.data.config import DataConfig
+from tinyclip_ds.distributed import init_distributed
 from tinyclip_ds.eval.evaluator import EvalConfig, Evaluator
 from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
-from tinyclip_ds.train.run import init_distributed
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment
+    rank, _, _ = init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment
     teacher = load_teacher(TeacherConfig(source="demo"))
     results = {}
     for batch_size in args.batch_sizes:
@@ -30,7 +30,7 @@ def main() -> None:
         images = evaluator.image_side(lambda x: teacher.clip.visual(x).embedding)
         texts = evaluator.text_side(lambda ids: teacher.clip.text(ids).embedding)
         results[batch_size] = evaluator.metrics(images, texts)
-    if torch.distributed.get_rank() == 0:
+    if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
 

@@ -4,6 +4,9 @@ Used by test_large_batch_equivalence.py: ``deepspeed --num_gpus 2 workers/large_
 --micro 4 --accumulation 4`` versus one rank with ``--micro 32 --accumulation 1``. Rank 0 saves
 the gradient every student parameter had at the accumulation boundary and the parameters after
 the optimizer step, for each loss term, to F.
+
+``--mode plain`` is the negative control: plain gradient accumulation, each micro-batch
+contrasted only with itself (gathered over ranks), which the library does not offer.
 """
 
 import argparse
@@ -15,10 +18,12 @@ from tinyclip_ds.distill.objectives import LossConfig, Stage2Objective
 from tinyclip_ds.models.teachers import Teacher
 from tinyclip_ds.models.transformer import Clip, TextTower, TowerShape, VisionTower
 from tinyclip_ds.train.deepspeed_config import build_ds_config
-from tinyclip_ds.train.loop import build_engine
+from tinyclip_ds.distributed import init_distributed
+from tinyclip_ds.train.contrastive import Features, contrastive_step, direct_step
+from tinyclip_ds.train.engine import build_engine
 from tinyclip_ds.train.optim import TrainConfig
-from tinyclip_ds.train.run import init_distributed
-from tinyclip_ds.train.stage2 import ContrastiveStep, LogitScale, Stage2Student
+from tinyclip_ds.train.stage2 import LogitScale, Stage2Student
+from tinyclip_ds.train.task import StepResult
 
 SAMPLES, VOCAB, CONTEXT = 32, 50, 12
 TERMS = {"contrastive": {"contrastive": 1.0}, "affinity": {"affinity": 1.0},
@@ -84,7 +89,7 @@ def main() -> None:
                             warmup_steps=0, weight_decay=0.0, eps=1.0)
         ds_config = build_ds_config("zero0_fp32", {"zero_optimization": {"stage": args.zero},
                                                    "gradient_clipping": 0.0}, train, world)
-        engine = build_engine(module, ds_config, type("R", (), {"train": train})())
+        engine = build_engine(module, ds_config, train)
         grads = {}
         original_step = engine.step
 
@@ -95,15 +100,39 @@ def main() -> None:
             original_step()
 
         engine.step = step_and_record
-        step = ContrastiveStep(engine, teacher, objective, torch.device("cpu"), args.accumulation,
-                               args.mode, seed=0)
-        result = step(micro_batches, 0)
+        features = [teacher_features(teacher, batch) if objective.needs_teacher else None
+                    for batch in micro_batches]
+
+        def forward(m: int, cache: bool):
+            batch = micro_batches[m]
+            return (engine.module if cache else engine)(batch["image"], batch["text"])
+
+        if args.mode == "plain":
+            result = plain_accumulation(engine, forward, objective, features)
+        else:
+            result = contrastive_step(engine, forward, objective, features, torch.device("cpu"))
         params = {pname: full(safe_get_full_fp32_param(p), p) for pname, p in engine.module.named_parameters()}
         loss = torch.tensor([result.loss])
         torch.distributed.all_reduce(loss)  # logged losses are rank averages (as the Trainer logs them)
         results[name] = {"grads": grads, "params": params, "loss": loss.item() / world}
     if rank == 0:
         torch.save(results, args.out)
+
+
+def teacher_features(teacher: Teacher, batch: dict):
+    """The teacher's pooled features of a micro-batch (what affinity needs)."""
+    return Features(teacher.image(batch["image"]).embedding, teacher.text(batch["text"]).embedding)
+
+
+def plain_accumulation(engine, forward, objective, teacher):
+    """Each micro-batch its own contrastive batch: the direct step per micro-batch (DeepSpeed
+    divides each backward by the accumulation steps, as plain accumulation does)."""
+    total = StepResult()
+    for m in range(len(teacher)):
+        result = direct_step(engine, lambda _, cache, m=m: forward(m, cache), objective, teacher[m],
+                             torch.device("cpu"))
+        total.loss += result.loss / len(teacher)
+    return total
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ class DataConfig:
                                  "<root>/annotations/captions_<split>.json (eval.data has eval.image_root)")
     csv_image_key: str = option("filepath", "column of .csv/.tsv files holding the image path")
     csv_caption_key: str = option("title", "column of .csv/.tsv files holding the caption")
-    randaugment: bool = option(True, "RandAugment without colour operations (colour hurt in the notes)")
+    randaugment: bool = option(True, "RandAugment without colour operations (colour operations hurt "
+                                     "distillation)")
     randaugment_ops: int = option(2, "RandAugment: operations applied per image")
     randaugment_magnitude: int = option(9, "RandAugment: magnitude (0-30)")
     num_workers: int = option(2, "data-loader worker processes per rank")

@@ -23,11 +23,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tinyclip_ds.data.sources import ImageSource, PairSource
-from tinyclip_ds.data.tokenizer import Tokenizer
 
 Key = int | tuple[int, int]
 """``(index, sample_seed)`` in training, a plain index in evaluation."""
 Transform = Callable[[Image.Image], torch.Tensor]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+"""Texts in, ``(len(texts), context_length)`` token ids out (the teacher's tokenizer)."""
 
 
 def _split(key: Key) -> tuple[int, int | None]:

@@ -43,9 +43,9 @@ class GlobalBatchSampler:
     """Yields this rank's ``(index, sample_seed)`` keys, one list per micro-step, forever,
     starting after ``start_position`` micro-steps (see the module docstring for the order).
 
-    The position counts micro-steps, not optimizer steps, because a micro-batch dropped for a
-    non-finite loss is replaced by the next one: step s micro-step m is position s·A + m only
-    until the first such drop."""
+    The position counts micro-steps, not optimizer steps, because a step skipped (too few usable
+    samples, or a non-finite loss) is tried again on the next micro-batches: step s micro-step m
+    is position s·A + m only until the first skip."""
 
     def __init__(self, num_samples: int, micro_batch: int, accumulation: int, world_size: int,
                  rank: int, seed: int, start_position: int = 0) -> None:

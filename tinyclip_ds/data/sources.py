@@ -481,7 +481,7 @@ def _demo(spec: str, key: str, allowed: set[str]):
     """The digits demo module, after checking that ``spec`` is a demo this key accepts."""
     if spec not in allowed:
         raise RecipeError(f"'{key}': unknown demo data '{spec}'; demo data here: {', '.join(sorted(allowed))}")
-    from tinyclip_ds.data import digits  # imported lazily: building the demo costs time
+    from tinyclip_ds.demo import data as digits  # imported lazily: building the demo costs time
     return digits
 
 

@@ -15,7 +15,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 GEOMETRIC_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-"""The RandAugment operations kept: the seed notes found colour operations hurt distillation.
+"""The RandAugment operations kept: colour operations hurt distillation (they change what the
+teacher sees in ways captions do not describe).
 No flips either: left and right carry meaning (the digit-pairs captions say which is where)."""
 
 

@@ -2,7 +2,8 @@
 
 Each rank embeds its share of every evaluation set; `gather_by_index` puts all rows back in
 sample order on every rank; metrics are computed once on the full set, never averaged over
-batches or ranks (the research notes' bug). The numbers are bit-identical for any world size;
+batches or ranks (a mean of per-batch recalls is not the recall of the set, and depends on
+the batch size and the number of ranks). The numbers are bit-identical for any world size;
 across different ``eval.batch_size`` values they differ only as much as the model's own
 forward pass does between batch shapes (last-bit BLAS differences, ~1e-7 in fp32).
 
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 
+from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError, option
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs, text_lines
@@ -155,8 +156,7 @@ class Evaluator:
         passes (a rank without a chunk left embeds padding) because ZeRO-3 gathers parameters
         collectively inside forward.
         """
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank, world = distributed.rank(), distributed.world()
         size = self.cfg.batch_size
         chunks = [list(range(start, min(start + size, total))) for start in range(0, total, size)]
         mine = chunks[rank::world]
@@ -174,17 +174,11 @@ class Evaluator:
 def check_images(source: ImageSource, key: str) -> None:
     """Collective: decode every image of an evaluation set (each rank its share, in threads);
     a `RecipeError` on every rank, naming the first bad file, if one cannot be used."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mine = range(rank, len(source), world)
+    mine = range(distributed.rank(), len(source), distributed.world())
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         loaded = pool.map(lambda i: isinstance(source.load(i), Image.Image), mine)
         first_bad = next((i for i, good in zip(mine, loaded) if not good), None)
-    bad = [first_bad]
-    if world > 1:
-        bad = [None] * world
-        dist.all_gather_object(bad, first_bad)
-    bad = [i for i in bad if i is not None]
+    bad = [i for i in distributed.gather_objects(first_bad) if i is not None]
     if bad:
         raise unusable_image(source, min(bad), source.load(min(bad)), key)
 

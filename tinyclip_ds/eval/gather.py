@@ -8,21 +8,9 @@ exactly the same tensor whatever the world size and batch size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-
-def all_gather_uneven(local: Tensor) -> list[Tensor]:
-    """all_gather for tensors whose first dimension differs between ranks (gather sizes, pad, unpad)."""
-    world = dist.get_world_size()
-    size = torch.tensor([local.shape[0]], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    return [part[:int(s.item())] for part, s in zip(gathered, sizes)]
+from tinyclip_ds import distributed
 
 
 def gather_by_index(local: Tensor, indices: Tensor, total: int) -> Tensor:
@@ -38,11 +26,10 @@ def gather_by_index(local: Tensor, indices: Tensor, total: int) -> Tensor:
         raise ValueError(f"indices must have shape ({local.shape[0]},) to tag each local row, "
                          f"got {tuple(indices.shape)}")
     indices = indices.to(dtype=torch.long)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == dist.Backend.NCCL else torch.device("cpu"))
-        rows = torch.cat(all_gather_uneven(local.detach().to(device))).to(local.device)
-        indices = torch.cat(all_gather_uneven(indices.to(device))).to(local.device)
+    if distributed.world() > 1:
+        device = distributed.collective_device()
+        rows = torch.cat(distributed.gather_uneven(local.detach().to(device))).to(local.device)
+        indices = torch.cat(distributed.gather_uneven(indices.to(device))).to(local.device)
     else:
         rows, indices = local.detach(), indices.to(local.device)
 

@@ -63,7 +63,8 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor
     - i2t_R@K: fraction of images with any of their texts among the top K of all T texts.
     - t2i_R@K: fraction of texts whose image is among the top K of all I images.
     - mean_recall: mean of the six recalls.
-    - mean_score: mean cosine of the T matching (image, text) pairs (the research notes' metric).
+    - mean_score: mean cosine of the T matching (image, text) pairs (a smooth score that moves
+      before the recalls do).
     - offdiag_mean, offdiag_std: mean and population std of the I·T − T non-matching cosines.
     - score_gap: mean_score − offdiag_mean.
     Ties rank the lower-indexed candidate first.

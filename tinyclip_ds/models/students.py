@@ -3,23 +3,22 @@
 A student tower is a `VisionTower` / `TextTower` whose `TowerShape` comes from the recipe's
 `StudentTowerConfig` with the teacher's values filling the zeros (`student_shape`). It starts
 from the tower's own random initialisation or inherits the teacher's mapped layers, sliced to
-its width (`inherit_from_teacher`); `build_students` builds the towers a recipe's stage trains.
+its width (`inherit_from_teacher`); `build_students` builds the towers a stage trains, each
+with the teacher tower and the layer pairs its distillation uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from tinyclip_ds.config import RecipeError, option
-from tinyclip_ds.distill import layer_map
+from tinyclip_ds.models import layer_map
 from tinyclip_ds.models.transformer import Clip, TextTower, TowerShape, VisionTower
-
-if TYPE_CHECKING:  # recipe.py imports this module for StudentConfig
-    from tinyclip_ds.recipe import Recipe
 
 
 @dataclass
@@ -36,7 +35,8 @@ class StudentTowerConfig:
                                 "student tower with the teacher's other tower)")
     act: Literal["teacher", "gelu", "quick_gelu"] = option(
         "teacher", "MLP activation; 'teacher' copies the teacher's")
-    dropout: float = option(0.0, "dropout on the residual branches (it hurt in the research notes)")
+    dropout: float = option(0.0, "dropout on the residual branches (0 recommended: the targets, the "
+                                 "teacher's outputs, are deterministic)")
     layer_map: str | list[int] = option(
         "uniform", "which teacher layer each distilled student layer learns from: uniform "
                    "(TinyBERT i·k+k−1), begin, end, or an explicit list of teacher layers")
@@ -61,6 +61,23 @@ class StudentConfig:
 
 
 Tower = VisionTower | TextTower
+
+
+@dataclass
+class Student:
+    """A built student tower with what distillation needs to know about it."""
+    kind: str                                # "image" | "text"
+    tower: Tower
+    teacher: Tower                           # the teacher's tower of the same kind (frozen; not owned)
+    layer_pairs: list[tuple[int, int]]       # (student layer, teacher layer), resolved once per tower
+    key: str                                 # "student.image" / "student.text", names recipe fields in errors
+
+
+def tower_of(clip: Clip, kind: str) -> Tower:
+    """The tower of ``kind`` ("image" or "text") of a `Clip`."""
+    if kind not in ("image", "text"):
+        raise ValueError(f"unknown tower kind {kind!r}; expected 'image' or 'text'")
+    return clip.visual if kind == "image" else clip.text
 
 
 def student_shape(kind: Literal["image", "text"], teacher: TowerShape, cfg: StudentTowerConfig,
@@ -114,11 +131,11 @@ the same parameters and compute the same function. Dropout, a training setting, 
 head count and activation change no parameter shape, which is why they must be recorded."""
 
 
-def student_shapes(recipe: Recipe, teacher_clip: Clip) -> dict[str, TowerShape]:
-    """The shapes of the student towers ``recipe`` trains, without building them."""
-    return {kind: student_shape(kind, (teacher_clip.visual if kind == "image" else teacher_clip.text).shape,
-                                getattr(recipe.student, kind), f"student.{kind}")
-            for kind in recipe.towers}
+def student_shapes(cfg: StudentConfig, teacher: Clip, kinds: Sequence[str]) -> dict[str, TowerShape]:
+    """The shapes of the student towers of ``kinds`` ("image", "text"), without building them."""
+    return {kind: student_shape(kind, tower_of(teacher, kind).shape, getattr(cfg, kind),
+                                f"student.{kind}")
+            for kind in kinds}
 
 
 def shape_record(kind: Literal["image", "text"], shape: TowerShape) -> dict:
@@ -160,20 +177,22 @@ def embedding_names(tower: Tower) -> tuple[str, ...]:
     return "token_embedding.weight", "positional_embedding"
 
 
-def build_student_tower(kind: Literal["image", "text"], teacher_tower: Tower,
-                        cfg: StudentTowerConfig, key: str) -> Tower:
+def build_student(kind: Literal["image", "text"], teacher_tower: Tower, cfg: StudentTowerConfig,
+                  key: str) -> Student:
     """A student tower shaped and initialised by ``cfg``, checked against its teacher tower.
 
+    The distilled layer pairs are resolved here, once (`layer_map.resolve`), so a bad map
+    fails at build time and inheritance and distillation read the same map.
     ``init: inherit`` copies the teacher's mapped layers (`inherit_from_teacher`, layers chosen
-    by `layer_map.inheritance_map`); ``random`` keeps the tower's own CLIP initialisation.
-    ``freeze_embed`` copies the teacher's embeddings (sliced) and sets requires_grad=False on
-    them. ``init_from`` (stage 2) is applied by the trainer after this. The returned tower's
-    ``init_notes`` list says what was copied, for the summary.
+    by `layer_map.inheritance_map`, which extends those pairs to every effective layer);
+    ``random`` keeps the tower's own CLIP initialisation. ``freeze_embed`` copies the teacher's
+    embeddings (sliced) and sets requires_grad=False on them. ``init_from`` (stage 2) is applied
+    by the trainer after this. The tower's ``init_notes`` list says what was copied, for the
+    summary.
     """
     shape = student_shape(kind, teacher_tower.shape, cfg, key)
     teacher_depth = teacher_tower.shape.depth
-    # Check the distillation map now, so a bad recipe fails at build time, not at the first loss.
-    layer_map.resolve(cfg.layer_map, teacher_depth, shape.depth, cfg.distill_layers, key)
+    layer_pairs = layer_map.resolve(cfg.layer_map, teacher_depth, shape.depth, cfg.distill_layers, key)
     tower = VisionTower(shape) if kind == "image" else TextTower(shape)
     notes = ["random initialisation"]
     if cfg.init == "inherit":
@@ -202,7 +221,7 @@ def build_student_tower(kind: Literal["image", "text"], teacher_tower: Tower,
                 student_params[name].requires_grad_(False)
         notes.append(f"frozen (copied from the teacher): {', '.join(embedding_names(tower))}")
     tower.init_notes = notes
-    return tower
+    return Student(kind=kind, tower=tower, teacher=teacher_tower, layer_pairs=layer_pairs, key=key)
 
 
 def inherit_from_teacher(student: Tower, teacher: Tower,
@@ -289,17 +308,16 @@ def copy_leading(dst: Tensor, src: Tensor) -> None:
     dst.copy_(src[tuple(slice(0, n) for n in dst.shape)])
 
 
-def build_students(recipe: Recipe, teacher_clip: Clip) -> dict[str, Tower]:
-    """The student towers of ``recipe.towers`` ("image", "text"), built from the teacher's.
+def build_students(cfg: StudentConfig, teacher: Clip, kinds: Sequence[str], seed: int) -> dict[str, Student]:
+    """The students of ``kinds`` ("image", "text"), built from the teacher's towers.
 
-    Each tower is seeded with ``recipe.seed``, so it is the same whichever stage builds it;
-    the global random state is left untouched.
+    Each tower is seeded with ``seed``, so it is the same whichever stage builds it; the
+    global random state is left untouched.
     """
     students = {}
-    for kind in recipe.towers:
-        teacher_tower = teacher_clip.visual if kind == "image" else teacher_clip.text
+    for kind in kinds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            students[kind] = build_student_tower(kind, teacher_tower, getattr(recipe.student, kind),
-                                                 f"student.{kind}")
+            torch.manual_seed(seed)
+            students[kind] = build_student(kind, tower_of(teacher, kind), getattr(cfg, kind),
+                                           f"student.{kind}")
     return students

@@ -1,4 +1,5 @@
-"""Teachers: frozen CLIP models loaded from local OpenAI, open_clip or Hugging Face files."""
+"""Teachers: frozen CLIP models loaded from local OpenAI, open_clip or Hugging Face files, or
+from a self-describing word-tokenizer file (the shipped digits demo teacher)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Literal
 
 import torch
 import torch.jit._pickle
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tinyclip_ds.config import RecipeError, option
-from tinyclip_ds.data.tokenizer import ClipTokenizer, HfClipTokenizer, Tokenizer
+from tinyclip_ds.models.tokenizer import ClipTokenizer, HfClipTokenizer, Tokenizer, WordTokenizer
 from tinyclip_ds.models.transformer import Clip, Request, TowerOutput, TowerShape
 
 
@@ -47,6 +50,8 @@ class TeacherConfig:
 OPENAI_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEMO_TEACHER_PATH = Path(__file__).parents[1] / "demo" / "teacher.safetensors"
+WORD_TEACHER_METADATA = "word_teacher"  # safetensors metadata key of `save_word_teacher` files
 
 
 class CheckpointMismatchError(ValueError):
@@ -57,7 +62,8 @@ class Teacher(nn.Module):
     """A frozen CLIP teacher with the tokenizer and image normalisation it was trained with.
 
     All parameters have ``requires_grad=False`` and the module stays in eval mode whatever
-    ``train()`` is called with (a teacher left in train mode was a bug in the research notes).
+    ``train()`` is called with: in train mode its dropout would make the targets noisy and a
+    train-mode norm would drift with every batch it sees.
     ``assumptions`` says what the weights file could not tell and how to override it (one line
     each, for the startup summary).
     """
@@ -97,10 +103,10 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     assumptions: list[str] = []
     try:
         if cfg.source == "demo":
-            from tinyclip_ds.data.digits import load_digits_teacher
-
-            shipped = load_digits_teacher(cfg.path) if cfg.path else load_digits_teacher()
-            clip, tokenizer, mean, std = shipped
+            try:
+                clip, tokenizer, mean, std = load_word_teacher(cfg.path or DEMO_TEACHER_PATH)
+            except ValueError as error:  # a file of another format or shape: the recipe names the wrong one
+                raise RecipeError(f"teacher.path: {error}") from error
         elif cfg.source == "openai":
             clip, assumptions = _load_openai_assuming(cfg)
             tokenizer = ClipTokenizer(clip.text.shape.context_length)
@@ -138,6 +144,50 @@ def check_openai_options(cfg: TeacherConfig) -> None:
     if given:
         raise RecipeError(f"{', '.join(given)}: only the openai source takes these; the "
                           f"{cfg.source} source reads them from its model config")
+
+
+# --------------------------------------------------------------------------- word-tokenizer files
+
+def save_word_teacher(path: str | Path, clip: Clip, vocabulary: list[str],
+                      image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+    """Write ``clip`` in fp16 to a safetensors file whose metadata holds everything needed to
+    load it (`load_word_teacher`): both tower shapes, the logit scale, the image normalisation
+    and the `WordTokenizer` vocabulary."""
+    text = clip.text.shape
+    tokenizer = WordTokenizer(vocabulary, text.context_length)
+    if tokenizer.vocab_size > text.vocab_size or text.eot_token_id != tokenizer.eot_token_id:
+        raise ValueError(f"the text tower (vocab_size {text.vocab_size}, eot_token_id "
+                         f"{text.eot_token_id}) cannot read a WordTokenizer of {tokenizer.vocab_size} "
+                         f"ids ending texts with {tokenizer.eot_token_id}")
+    metadata = {"vision": dataclasses.asdict(clip.visual.shape),
+                "text": dataclasses.asdict(text),
+                "logit_scale": clip.logit_scale.item(),
+                "image_mean": list(image_mean), "image_std": list(image_std),
+                "vocabulary": list(vocabulary)}
+    weights = {name: tensor.detach().half().contiguous() for name, tensor in clip.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path), metadata={WORD_TEACHER_METADATA: json.dumps(metadata)})
+
+
+def load_word_teacher(path: str | Path) -> tuple[Clip, WordTokenizer, tuple, tuple]:
+    """``(clip, tokenizer, image_mean, image_std)`` of a `save_word_teacher` file, clip in fp32."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights not found at {path}; the demo teacher is "
+                                f"retrained with 'python -m tinyclip_ds.demo.teacher --out {path}'")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if WORD_TEACHER_METADATA not in metadata:
+        raise ValueError(f"{path} has no '{WORD_TEACHER_METADATA}' metadata (tower shapes and "
+                         f"vocabulary), so it is not a demo-source teacher; write one with "
+                         f"'python -m tinyclip_ds.demo.teacher --out {path}' or pick the source "
+                         f"of its format (openai, open_clip, hf)")
+    meta = json.loads(metadata[WORD_TEACHER_METADATA])
+    tokenizer = WordTokenizer(meta["vocabulary"], meta["text"]["context_length"])
+    clip = _build_clip(TowerShape(**meta["vision"]), TowerShape(**meta["text"]),
+                       load_file(str(path)), str(path))
+    return clip, tokenizer, tuple(meta["image_mean"]), tuple(meta["image_std"])
 
 
 # --------------------------------------------------------------------------- OpenAI / open_clip
@@ -496,8 +546,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return {k: v for shard in shards for k, v in read_state_dict(path.parent / shard).items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(path)
     elif _is_torchscript(path):
         state = read_torchscript(path)

@@ -27,15 +27,14 @@ import os
 import pickle
 import random
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError, option
 from tinyclip_ds.models.students import (describe_differences, shape_differences, shape_record,
                                          tower_parameter_shapes)
@@ -50,10 +49,6 @@ TOWER_PREFIXES = {"stage1_image": {"image": "tower."}, "stage1_text": {"text": "
 stage2.Stage2Student): parameter-name prefix per tower kind."""
 UNIVERSAL = "universal"  # the cached universal conversion, a subdirectory of the checkpoint
 UNIVERSAL_STAGING = ".universal_staging"
-KILL_DURING_SAVE = "TINYCLIP_DS_TEST_KILL_DURING_SAVE"
-"""Test-only fault injection: ``RANK:STEP`` makes that rank SIGKILL itself while saving the
-checkpoint of that step, after writing its shards and before the completion barrier (used by
-tests/test_checkpoint_faults.py to tear a checkpoint the way a dying node does)."""
 
 
 @dataclass
@@ -109,17 +104,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -145,13 +129,6 @@ def _write_marker(directory: Path, info: dict) -> None:
     _fsync(directory)
 
 
-def _die_if_requested(rank: int, step: int) -> None:
-    """The `KILL_DURING_SAVE` test hook."""
-    wanted = os.environ.get(KILL_DURING_SAVE, "")
-    if wanted and wanted == f"{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def staging_dir(run_dir: Path, step: int) -> Path:
     """Where the checkpoint of ``step`` is written until it is complete."""
     return checkpoint_dir(run_dir) / f".{tag_for(step)}.saving"
@@ -163,10 +140,10 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
 
     root = checkpoint_dir(run_dir)
     staging = staging_dir(run_dir, step)
-    rank, world = _rank_and_world()
+    rank, world = distributed.rank(), distributed.world()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # torn by an earlier attempt: no stale shards
-    _barrier()
+    distributed.barrier()
     # UNIVERSAL_CHECKPOINT_INFO lets ds_to_universal convert it for another world size later.
     state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: {}}
     try:
@@ -183,14 +160,13 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int) -
         raise CheckpointWriteError(
             f"rank {rank} could not write the checkpoint of step {step} into {staging} ({error}); "
             f"{latest}. Free disk space (or raise the file-size limit), then continue with --resume auto") from None
-    _die_if_requested(rank, step)
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         _write_marker(staging, {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
                                 "precision": engine_precision(engine), "global_batch": engine.train_batch_size()})
         _publish(staging, root / tag_for(step))
         apply_retention(run_dir, keep_last)
-    _barrier()
+    distributed.barrier()
     return root / tag_for(step)
 
 
@@ -415,10 +391,9 @@ def convert_to_universal(path: Path, workers: int = 1) -> Path:
 
 def prepare_resume(path: Path, universal: bool) -> None:
     """Collective: rank 0 converts ``path`` to the universal format when needed; all wait."""
-    rank, _ = _rank_and_world()
-    if universal and rank == 0:
+    if universal and distributed.rank() == 0:
         convert_to_universal(path)
-    _barrier()
+    distributed.barrier()
 
 
 def load(engine, path: Path) -> dict:
@@ -441,9 +416,8 @@ def load(engine, path: Path) -> dict:
         raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
         _repair_zero3_universal_load(engine, universal_path(path))
-    rank, world = _rank_and_world()
-    rank_file = path / f"rank_{rank:05d}.pt"
-    if rank_file.is_file() and marker_info(path)["world_size"] == world:
+    rank_file = path / f"rank_{distributed.rank():05d}.pt"
+    if rank_file.is_file() and marker_info(path)["world_size"] == distributed.world():
         try:
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
         except pickle.UnpicklingError:

@@ -20,9 +20,9 @@ class TrainConfig:
                                   "global_batch, or 1 when global_batch is 0")
     global_batch: int = option(0, "samples per optimizer step over all ranks; 0 = "
                                   "micro_batch × accumulation × world size")
-    accumulation_mode: Literal["feature_cache", "plain"] = option(
-        "feature_cache", "stage 2: feature_cache makes every micro-batch see all "
-                         "micro_batch × accumulation × world negatives; plain does not (comparison only)")
+    accumulation_mode: Literal["feature_cache"] = option(
+        "feature_cache", "stage 2: every micro-batch sees all micro_batch × accumulation × world "
+                         "negatives (the only mode; named so that recipes of earlier runs still load)")
     lr: float = option(1e-4, "peak learning rate")
     min_lr: float = option(0.0, "learning rate at the end of the cosine schedule")
     warmup_steps: int = option(100, "linear warmup steps")
@@ -35,9 +35,10 @@ class TrainConfig:
     log_every: int = option(10, "print and log training scalars every this many steps")
     log_samples: bool = option(False, "append the sample indices of every optimizer step to "
                                       "<run_dir>/samples.jsonl (to check resumed runs)")
-    max_nonfinite: int = option(20, "stop (with a checkpoint) after this many non-finite losses in a row")
+    max_nonfinite: int = option(20, "stop (with a checkpoint) after this many steps in a row skipped for a "
+                                    "non-finite loss")
     max_unusable: int = option(20, "stop (with a checkpoint and an error naming the data sources) after "
-                                   "this many batches in a row without enough readable samples")
+                                   "this many steps in a row without enough readable samples")
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:

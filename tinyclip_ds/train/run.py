@@ -1,30 +1,29 @@
-"""What every rank does before a stage's loop: distributed setup, run directory, DeepSpeed
-config, teacher, evaluator; then the stage's loop (stage1.py or stage2.py)."""
+"""What every rank does before training: distributed setup, run directory, DeepSpeed config,
+resume plan, teacher, evaluator — the `Run` context the `Trainer` and the stage tasks work in."""
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tinyclip_ds.config import RecipeError
+from tinyclip_ds.data.transforms import train_transform
+from tinyclip_ds.distributed import init_distributed
 from tinyclip_ds.eval.evaluator import Evaluator
 from tinyclip_ds.models.students import student_shapes
 from tinyclip_ds.models.teachers import Teacher, load_teacher
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.accounting import SampleLog
 from tinyclip_ds.train.deepspeed_config import build_ds_config, precision, zero_stage
-from tinyclip_ds.train.loop import SampleLog
 from tinyclip_ds.train.monitor import Monitor
 
 
 @dataclass
 class Run:
-    """The per-rank context a stage loop works in."""
+    """The per-rank context the `Trainer` and the stage tasks work in."""
 
     recipe: Recipe
     rank: int
@@ -36,47 +35,13 @@ class Run:
     teacher: Teacher
     evaluator: Evaluator
     resume_from: Path | None
-    samples: SampleLog  # stages pass their batches through samples.track
+    samples: SampleLog  # every training batch passes through samples.track
 
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group DeepSpeed's launcher set up (or make a one-rank group)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:  # started without a launcher: a single rank
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed()
-    accelerator = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
-    else:
-        release_shared_memory_segment(dist.get_rank())
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shared_memory_segment(rank: int) -> Path:
-    """The /dev/shm segment DeepSpeed's CPU backend creates for this rank when every rank runs on
-    one machine (its shared-memory all-reduce; named as in deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shared_memory_segment(rank: int) -> None:
-    """Unlink this rank's ~70 MB shared-memory segment as soon as every rank has mapped it.
-
-    DeepSpeed never unlinks it, so each CPU job left 70 MB × ranks of RAM in /dev/shm until the
-    machine rebooted (a day of test runs filled a 24 GiB machine). After the barrier every rank
-    has mapped every segment (DeepSpeed maps its peers' inside init_distributed), so the mappings
-    stay valid and the kernel frees the memory when the last rank exits, however it exits."""
-    dist.barrier()
-    shared_memory_segment(rank).unlink(missing_ok=True)
+    def image_train_transform(self):
+        """The recipe's training augmentation with the teacher's image size and normalisation."""
+        data, teacher = self.recipe.data, self.teacher
+        return train_transform(teacher.image_size, teacher.image_mean, teacher.image_std, data.randaugment,
+                               data.randaugment_ops, data.randaugment_magnitude)
 
 
 def prepare(recipe: Recipe, resume: str | None) -> Run:
@@ -97,14 +62,16 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
                                            ds_config["train_batch_size"])
         ds_config.setdefault("checkpoint", {})["load_universal"] = universal
 
-    torch.manual_seed(recipe.seed)
     teacher = load_teacher(recipe.teacher).to(device)
+    # Seeded after the teacher is loaded: what a loader draws must not change the students'
+    # learned parts (projections, logit scale), which the stage builds next.
+    torch.manual_seed(recipe.seed)
     if resume_from:
         # Before anything is written: a refused resume leaves the run directory as it was.
-        checkpoint.check_resume(resume_from, recipe.stage, student_shapes(recipe, teacher.clip))
+        checkpoint.check_resume(resume_from, recipe.stage, student_shapes(recipe.student, teacher.clip, recipe.towers))
     monitor = Monitor(run_dir, enabled=rank == 0)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and ds_config.json: loop.start_state
+        run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml and ds_config.json: Trainer.start
     monitor.print(f"run directory: {run_dir.resolve()}  ({recipe.stage}, {world} rank(s), {device})")
     for assumption in teacher.assumptions:
         monitor.print(f"teacher: {assumption}")
@@ -120,18 +87,6 @@ def prepare(recipe: Recipe, resume: str | None) -> Run:
 
     evaluator = Evaluator(recipe.eval, recipe.data, teacher.image_size, teacher.image_mean,
                           teacher.image_std, teacher.tokenizer, device)
-    samples = SampleLog(run_dir / "samples.jsonl", recipe.train.log_samples, rank, world)
+    samples = SampleLog(run_dir / "samples.jsonl", recipe.train.log_samples)
     return Run(recipe, rank, world, device, run_dir, ds_config, monitor, teacher, evaluator, resume_from,
                samples)
-
-
-def train(recipe: Recipe, resume: str | None = None) -> int:
-    """Run the recipe's stage on this rank; returns the process exit code."""
-    run = prepare(recipe, resume)
-    if recipe.stage == "stage2":
-        from tinyclip_ds.train.stage2 import train_stage2
-
-        return train_stage2(run)
-    from tinyclip_ds.train.stage1 import train_stage1
-
-    return train_stage1(run)

@@ -1,26 +1,32 @@
 """Stage 1: distil one tower (image or text) alone, on unpaired data.
 
-The student tower and the objective's learned projections form the DeepSpeed engine; the
+The student tower and the objective's learned projections form what DeepSpeed trains; the
 frozen teacher tower runs outside it under no_grad. Evaluation pairs the student tower with
 the teacher's other tower.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from tinyclip_ds import distributed
 from tinyclip_ds.data.datasets import ImageDataset, TextDataset
 from tinyclip_ds.data.sampler import mix_seed
 from tinyclip_ds.data.sources import caption_source, image_source
-from tinyclip_ds.distill import layer_map
 from tinyclip_ds.distill.objectives import Stage1Objective
+from tinyclip_ds.distill.terms import TERMS
 from tinyclip_ds.models.students import build_students
-from tinyclip_ds.models.summary import summarize
 from tinyclip_ds.models.transformer import TowerOutput
-from tinyclip_ds.train.loop import (DataSkips, StepResult, Trainer, agree, build_engine, engine_step,
-                                    evaluation, image_train_transform, start_state,
-                                    training_batches)
+from tinyclip_ds.summary import summarize
+from tinyclip_ds.train.engine import engine_step
+from tinyclip_ds.train.task import Encoder, StepResult
+
+if TYPE_CHECKING:
+    from tinyclip_ds.train.run import Run
 
 
 class Stage1Student(nn.Module):
@@ -32,80 +38,69 @@ class Stage1Student(nn.Module):
         self.objective = objective
 
     def forward(self, inputs: Tensor, teacher_out: TowerOutput, mask_seed: int) -> tuple[Tensor, dict]:
-        student_out = self.tower(inputs, self.objective.student_request)
+        """The stage-1 loss of a batch and its terms (unweighted)."""
+        student_out = self.tower(self._fit(inputs), self.objective.student_request)
         return self.objective(student_out, teacher_out, mask_seed)
 
     def encode(self, inputs: Tensor) -> Tensor:
         """The student tower's embedding (evaluation)."""
-        return self.tower(inputs).embedding
+        return self.tower(self._fit(inputs)).embedding
+
+    def _fit(self, inputs: Tensor) -> Tensor:
+        # Token ids come at the teacher's context length; a student text tower may be shorter.
+        return self.tower.fit_context(inputs) if self.objective.kind == "text" else inputs
 
 
-def train_stage1(run) -> int:
-    recipe, monitor = run.recipe, run.monitor
-    kind = recipe.towers[0]
-    key = f"student.{kind}"
-    teacher_clip = run.teacher.clip
-    teacher_tower = teacher_clip.visual if kind == "image" else teacher_clip.text
-    student = build_students(recipe, teacher_clip)[kind]
-    monitor.print(summarize(recipe, teacher_clip, {kind: student}))
-    tower_cfg = getattr(recipe.student, kind)
-    pairs = layer_map.resolve(tower_cfg.layer_map, teacher_tower.shape.depth, student.shape.depth,
-                              tower_cfg.distill_layers, key)
-    objective = Stage1Objective(recipe.loss, kind, teacher_tower.shape, student.shape, pairs, key)
-    engine = build_engine(Stage1Student(student, objective), run.ds_config, recipe)
+class Stage1Task:
+    """Stage 1 for the recipe's one tower: the teacher's tower outputs are the targets."""
 
-    state = start_state(run, engine)
+    def __init__(self, run: Run):
+        recipe = run.recipe
+        self.run = run
+        self.kind = recipe.towers[0]
+        student = build_students(recipe.student, run.teacher.clip, (self.kind,), recipe.seed)[self.kind]
+        run.monitor.print(summarize(recipe, run.teacher.clip, {self.kind: student}))
+        self.objective = Stage1Objective(recipe.loss, self.kind, student.teacher.shape, student.tower.shape,
+                                         student.layer_pairs, student.key)
+        self.module = Stage1Student(student.tower, self.objective)
+        self.teacher_forward = run.teacher.image if self.kind == "image" else run.teacher.text
+        # a term that compares the samples of a micro-batch with each other needs two of them
+        self.smallest_batch = 2 if any(TERMS[name].in_batch for name in self.objective.terms) else 1
 
-    if kind == "image":
-        dataset = ImageDataset(image_source(recipe.data.images), image_train_transform(run))
-        monitor.print(f"training data: {dataset.source.summary()}")
-    else:
-        dataset = TextDataset(caption_source(recipe.data.captions), run.teacher.tokenizer)
-    batches, micro, accumulation = training_batches(run, dataset, state)
+    def dataset(self) -> Dataset:
+        """The recipe's images (with the training augmentation) or captions (tokenized)."""
+        run, data = self.run, self.run.recipe.data
+        if self.kind == "text":
+            return TextDataset(caption_source(data.captions), run.teacher.tokenizer)
+        dataset = ImageDataset(image_source(data.images), run.image_train_transform())
+        run.monitor.print(f"training data: {dataset.source.summary()}")
+        return dataset
 
-    teacher_forward = run.teacher.image if kind == "image" else run.teacher.text
-    smallest_batch = 2 if "rep_relation" in objective.terms else 1
-    skips = DataSkips(state, recipe.train.max_unusable, "micro-batches", run.device)
+    def usable(self, micro_batches: list[dict]) -> bool:
+        """Every micro-batch holds enough samples: each is a forward of its own."""
+        return all(len(batch["index"]) >= self.smallest_batch for batch in micro_batches)
 
-    def one_step() -> StepResult:
+    def step(self, engine, micro_batches: list[dict]) -> StepResult:
+        """Each micro-batch: teacher targets, student loss, backward; the boundary steps."""
+        run = self.run
         result = StepResult()
-        done = 0
-        while done < accumulation:
-            batch = next(batches)
-            state.samples_consumed += micro * run.world
-            # Unusable images are dropped by collate; a micro-batch left too small on any rank
-            # (empty; one sample for the in-batch rep_relation) is skipped by all ranks before
-            # any forward, since ZeRO-3 forwards are collective.
-            if not skips.check([batch], len(batch["index"]) >= smallest_batch):
-                continue
-            inputs = batch[kind].to(run.device)
-            teacher_out = teacher_forward(inputs, objective.teacher_request)
-            loss, terms = engine(inputs if kind == "image" else student.fit_context(inputs), teacher_out,
-                                 mix_seed(recipe.seed, "vit_kd", state.samples_consumed, run.rank))
-            finite, _ = agree(bool(torch.isfinite(loss)), 0, run.device)
-            if not finite:
-                # Dropped on every rank alike, so DeepSpeed's collectives stay in step; the next
-                # micro-batch takes its place.
-                state.skipped_batches += 1
-                state.nonfinite_in_a_row += 1
-                monitor.print(f"step {state.step + 1}: non-finite loss, micro-batch dropped "
-                              f"({state.nonfinite_in_a_row} in a row)")
-                if state.nonfinite_in_a_row >= recipe.train.max_nonfinite:
-                    result.stopped = True
-                    return result
-                continue
+        total = torch.zeros((), device=run.device)
+        sums: dict[str, Tensor] = {}
+        for batch in micro_batches:
+            inputs = batch[self.kind].to(run.device)
+            teacher_out = self.teacher_forward(inputs, self.objective.teacher_request)
+            seed = mix_seed(run.recipe.seed, "vit_kd", batch["position"], distributed.rank())
+            loss, terms = engine(inputs, teacher_out, seed)
             engine.backward(loss)
-            engine_step(engine, result)
-            state.nonfinite_in_a_row = 0
-            done += 1
-            result.loss += loss.item() / accumulation
+            result.finish(engine_step(engine))
+            total = total + loss.detach() / len(micro_batches)
             for name, value in terms.items():
-                result.terms[name] = result.terms.get(name, 0.0) + value.item() / accumulation
+                sums[name] = sums.get(name, 0.0) + value.detach() / len(micro_batches)
             result.samples += len(inputs)
+        result.loss = total.item()
+        result.terms = {name: value.item() for name, value in sums.items()}
         return result
 
-    if kind == "image":
-        evaluate = evaluation(run, engine, image=engine.module.encode)
-    else:
-        evaluate = evaluation(run, engine, text=lambda ids: engine.module.encode(student.fit_context(ids)))
-    return Trainer(run, engine, state, batches).fit(one_step, evaluate)
+    def encoders(self, model: Stage1Student) -> tuple[Encoder | None, Encoder | None]:
+        """The student tower for its side; the teacher's for the other."""
+        return (model.encode, None) if self.kind == "image" else (None, model.encode)

@@ -1,8 +1,10 @@
-"""Retrain the digits demo teacher and write ``digits_teacher.safetensors``.
+"""The digits demo teacher: its tower shapes, its word vocabulary, and the script that retrains it.
 
-    python -m tinyclip_ds.data.digits_teacher [--out PATH]
+    python -m tinyclip_ds.demo.teacher [--out PATH]
 
-A small `Clip` trained contrastively on the *train* split of `tinyclip_ds.data.digits` only:
+writes ``teacher.safetensors`` next to this file (`DEMO_TEACHER_PATH`), with its shapes and
+vocabulary in the file's metadata so that `tinyclip_ds.models.teachers` loads it without this
+package. A small `Clip` trained contrastively on the *train* split of `tinyclip_ds.demo.data` only:
 single digits with template captions and digit pairs with pair captions, mixed in every batch,
 with light geometric augmentation (never a flip: left and right matter). Everything is seeded
 and the data order is fixed, so a rerun on the same machine reproduces the file. Prints the loss
@@ -12,8 +14,6 @@ per epoch and the held-out zero-shot accuracy and pair retrieval; about 6 minute
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor
 
-from tinyclip_ds.data.digits import (DIGIT_NAMES, IMAGE_SIZE, SINGLE_TEMPLATES, TEACHER_PATH,
-                                     DigitsTokenizer, digit_images, digit_pairs, pair_caption)
+from tinyclip_ds.demo.data import (DIGIT_NAMES, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
+                                   pair_caption, single_captions)
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
+from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, save_word_teacher
+from tinyclip_ds.models.tokenizer import WordTokenizer, split_words
 from tinyclip_ds.models.transformer import Clip, TowerShape
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -45,7 +46,18 @@ MAX_ROTATION_DEG = 8.0
 MAX_SHIFT_PX = 2.0
 
 
-def teacher_shapes(tokenizer: DigitsTokenizer) -> tuple[TowerShape, TowerShape]:
+def vocabulary() -> list[str]:
+    """The teacher's words, sorted: those of the templates, digit names, numerals and pair captions."""
+    words = {word for text in single_captions() + [pair_caption(0, 0)] for word in split_words(text)}
+    return sorted(words | {str(digit) for digit in range(10)})
+
+
+def demo_tokenizer(context_length: int = CONTEXT_LENGTH) -> WordTokenizer:
+    """The teacher's tokenizer: a `WordTokenizer` over `vocabulary`."""
+    return WordTokenizer(vocabulary(), context_length)
+
+
+def teacher_shapes(tokenizer: WordTokenizer) -> tuple[TowerShape, TowerShape]:
     """Image and text tower shapes: ~1.1M parameters (≈2.3 MB in fp16)."""
     vision = TowerShape(width=96, layers=6, heads=4, mlp_width=384, output_dim=64,
                         image_size=IMAGE_SIZE, patch_size=8)
@@ -99,14 +111,14 @@ def multi_positive_clip_loss(image: Tensor, text: Tensor, keys: Tensor, logit_sc
 
 
 @torch.no_grad()
-def zero_shot_accuracy(clip: Clip, tokenizer: DigitsTokenizer, images: Tensor, labels: Tensor) -> float:
+def zero_shot_accuracy(clip: Clip, tokenizer: WordTokenizer, images: Tensor, labels: Tensor) -> float:
     """Held-out zero-shot accuracy with the template ensemble (the project's own metric)."""
     classes = class_embeddings(clip.encode_text, tokenizer, DIGIT_NAMES, SINGLE_TEMPLATES, batch_size=256)
     return zeroshot_accuracy(clip.encode_image(images), labels, classes)["zeroshot_top1"]
 
 
 @torch.no_grad()
-def pair_retrieval(clip: Clip, tokenizer: DigitsTokenizer, images: Tensor, captions: list[str]) -> tuple[float, float]:
+def pair_retrieval(clip: Clip, tokenizer: WordTokenizer, images: Tensor, captions: list[str]) -> tuple[float, float]:
     """(text→image R@1, image→text R@1) of a set with one caption per image."""
     metrics = retrieval_metrics(clip.encode_image(images), clip.encode_text(tokenizer(captions)),
                                 torch.arange(len(captions)))
@@ -118,7 +130,7 @@ def train(out: Path) -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     generator = torch.Generator().manual_seed(SEED)
-    tokenizer = DigitsTokenizer(CONTEXT_LENGTH)
+    tokenizer = demo_tokenizer()
 
     singles = digit_images("train")
     pairs = digit_pairs("train")
@@ -191,20 +203,15 @@ def train(out: Path) -> None:
     print(f"held-out pair retrieval ({len(heldout_captions)} pairs): text→image R@1 {text_to_image:.2f}  "
           f"image→text R@1 {image_to_text:.2f}")
 
-    metadata = {"vision": dataclasses.asdict(vision), "text": dataclasses.asdict(text),
-                "logit_scale": clip.logit_scale.item(),
-                "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD)}
-    weights = {name: tensor.detach().half().contiguous() for name, tensor in clip.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata={"digits_teacher": json.dumps(metadata)})
+    save_word_teacher(out, clip, vocabulary(), IMAGE_MEAN, IMAGE_STD)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m tinyclip_ds.data.digits_teacher [--out PATH]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=TEACHER_PATH,
-                        help=f"where to write the weights (default: {TEACHER_PATH})")
+    """Command line: ``python -m tinyclip_ds.demo.teacher [--out PATH]``."""
+    parser = argparse.ArgumentParser(description="Retrain the digits demo teacher.")
+    parser.add_argument("--out", type=Path, default=DEMO_TEACHER_PATH,
+                        help=f"where to write the weights (default: {DEMO_TEACHER_PATH})")
     train(parser.parse_args(argv).out)
 
 

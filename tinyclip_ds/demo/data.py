@@ -1,4 +1,4 @@
-"""The digits demo: real data with no download, a word-level tokenizer and a small CLIP teacher.
+"""The digits demo's data: real handwritten digits with no download.
 
 scikit-learn's bundled handwritten digits (1,797 real 8×8 images) are split once into train and
 held-out digits, then rendered as RGB images of `IMAGE_SIZE`×`IMAGE_SIZE`:
@@ -12,27 +12,20 @@ Every digit is drawn as the same `GLYPH`×`GLYPH` glyph: centred for a single, i
 half for a pair, so a digit looks alike in both. Pairs are composed only from digits of their own
 split, so no held-out digit is ever seen in training.
 
-The teacher (`load_digits_teacher`) is a `Clip` trained by `tinyclip_ds.data.digits_teacher` on the
-train split and shipped as ``digits_teacher.safetensors`` next to this file.
+The demo teacher is trained on the train split by `tinyclip_ds.demo.teacher`. This module
+imports only numpy, PIL and scikit-learn: the data layer (`tinyclip_ds.data.sources`) reads the
+``demo:`` specs through it, and the data layer must not depend on the models.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-
-from tinyclip_ds.models.transformer import Clip, TowerShape
 
 DIGIT_NAMES: list[str] = ["zero", "one", "two", "three", "four",
                           "five", "six", "seven", "eight", "nine"]
@@ -51,7 +44,6 @@ SINGLE_TEMPLATES: list[str] = [
 IMAGE_SIZE = 32
 GLYPH = 16  # each 8×8 digit is upscaled to this size; two glyphs fill the width of a pair
 NUM_TRAIN_PAIRS = 10_000
-TEACHER_PATH = Path(__file__).with_name("digits_teacher.safetensors")
 
 Split = Literal["train", "heldout"]
 
@@ -112,73 +104,6 @@ def digit_pairs(split: Split) -> list[tuple[Image.Image, str]]:
         pairs.append((_compose_pair(glyphs[left], glyphs[right]),
                       pair_caption(int(labels[left]), int(labels[right]))))
     return pairs
-
-
-class DigitsTokenizer:
-    """Word-level tokenizer over the demo's vocabulary.
-
-    Ids: 0 pad, 1 start, 2 end-of-text, 3 unknown, then the sorted words of the templates, digit
-    names, numerals and pair captions. Text is lowercased and punctuation becomes a space. A call
-    returns ``[start, words…, eot, pad…]`` per text, truncated to keep the eot.
-    """
-
-    pad_token_id = 0
-    start_token_id = 1
-    eot_token_id = 2
-    unknown_token_id = 3
-
-    def __init__(self, context_length: int = 16):
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (start and end tokens), "
-                             f"got {context_length}")
-        self.context_length = context_length
-        words = {word for text in single_captions() + [pair_caption(0, 0)] for word in _words(text)}
-        words |= {str(digit) for digit in range(10)}
-        self.vocab = ["<pad>", "<start>", "<end>", "<unk>"] + sorted(words)
-        self.ids = {word: i for i, word in enumerate(self.vocab)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of the words of one text, without start, end or padding."""
-        return [self.ids.get(word, self.unknown_token_id) for word in _words(text)]
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """Token ids ``(len(texts), context_length)``: start, words, eot, then zero padding."""
-        out = torch.full((len(texts), self.context_length), self.pad_token_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = self.encode(text)[:self.context_length - 2]
-            tokens = [self.start_token_id, *ids, self.eot_token_id]
-            out[row, :len(tokens)] = torch.tensor(tokens)
-        return out
-
-
-def load_digits_teacher(path: str | Path = TEACHER_PATH
-                        ) -> tuple[Clip, DigitsTokenizer, tuple[float, float, float], tuple[float, float, float]]:
-    """The shipped demo teacher: ``(clip, tokenizer, image_mean, image_std)``, in fp32 eval mode.
-
-    Shapes, logit scale and image normalisation come from the file's metadata.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"digits teacher weights not found at {path}; retrain them with "
-                                f"'python -m tinyclip_ds.data.digits_teacher --out {path}'")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["digits_teacher"])
-    tokenizer = DigitsTokenizer(meta["text"]["context_length"])
-    if meta["text"]["vocab_size"] != tokenizer.vocab_size:
-        raise ValueError(f"{path} was trained with a vocabulary of {meta['text']['vocab_size']} words "
-                         f"but DigitsTokenizer now has {tokenizer.vocab_size} (the templates changed); "
-                         f"retrain with 'python -m tinyclip_ds.data.digits_teacher'")
-    clip = Clip(TowerShape(**meta["vision"]), TowerShape(**meta["text"]), meta["logit_scale"])
-    clip.load_state_dict({name: t.float() for name, t in load_file(str(path)).items()})
-    return clip.eval(), tokenizer, tuple(meta["image_mean"]), tuple(meta["image_std"])
-
-
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
 @lru_cache(maxsize=1)

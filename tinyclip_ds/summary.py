@@ -5,48 +5,39 @@ Printed by ``tinyclip-ds summary RECIPE`` and at the start of training.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from tinyclip_ds.distill import layer_map
-from tinyclip_ds.models.students import Tower, build_students
+from tinyclip_ds.models.students import Student, build_students
+from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.models.transformer import Clip
-
-if TYPE_CHECKING:  # recipe.py imports the students module this one imports
-    from tinyclip_ds.recipe import Recipe
+from tinyclip_ds.recipe import Recipe
 
 
 def summarize(recipe: Recipe, teacher_clip: Clip | None = None,
-              students: dict[str, Tower] | None = None) -> str:
+              students: dict[str, Student] | None = None) -> str:
     """The recipe's towers side by side: parameters (and the student/teacher ratio), unique and
     effective depth, width/heads/MLP/output, the distilled layer pairs and what inheritance
     copied. Loads the teacher and builds the students unless they are given."""
     if teacher_clip is None:
-        from tinyclip_ds.models.teachers import load_teacher
-
         teacher_clip = load_teacher(recipe.teacher).clip
     if students is None:
-        students = build_students(recipe, teacher_clip)
+        students = build_students(recipe.student, teacher_clip, recipe.towers, recipe.seed)
     header = ("tower", "model", "params", "trainable", "ratio", "depth", "unique×repeat", "width",
               "heads", "mlp", "output")
     rows, details = [header], []
     for kind, student in students.items():
-        teacher = teacher_clip.visual if kind == "image" else teacher_clip.text
-        teacher_params = _count(teacher)
-        for name, tower in (("teacher", teacher), ("student", student)):
+        teacher_params = _count(student.teacher)
+        for name, tower in (("teacher", student.teacher), ("student", student.tower)):
             s = tower.shape
             rows.append((kind, name, _millions(_count(tower)),
                          _millions(_count(tower, trainable=True)),
                          f"{_count(tower) / teacher_params:.2f}", str(s.depth),
                          f"{s.layers}×{s.repeat}", str(s.width), str(s.heads), str(s.mlp_width),
                          str(s.output_dim)))
-        cfg = getattr(recipe.student, kind)
-        pairs = layer_map.resolve(cfg.layer_map, teacher.shape.depth, student.shape.depth,
-                                  cfg.distill_layers, f"student.{kind}")
-        details.append(f"{kind} distilled layers (student←teacher, layer_map {cfg.layer_map!r}): "
-                       + " ".join(f"{s}←{t}" for s, t in pairs))
-        details += [f"{kind} init: {note}" for note in student.init_notes]
+        spec = getattr(recipe.student, kind).layer_map
+        details.append(f"{kind} distilled layers (student←teacher, layer_map {spec!r}): "
+                       + " ".join(f"{s}←{t}" for s, t in student.layer_pairs))
+        details += [f"{kind} init: {note}" for note in student.tower.init_notes]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     source = " ".join(filter(None, (recipe.teacher.source, recipe.teacher.model, recipe.teacher.path)))

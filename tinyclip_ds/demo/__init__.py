@@ -1,0 +1,1 @@
+"""The digits demo: its data (`data`), its teacher's shapes, vocabulary and training (`teacher`)."""

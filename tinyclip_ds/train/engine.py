@@ -1,0 +1,77 @@
+"""The DeepSpeed engine a stage trains, and its optimizer step with one non-finite policy.
+
+A step whose gradients are not finite on some rank is not applied, on every rank: parameters,
+optimizer state and learning-rate schedule stay as they were. DeepSpeed's optimizers skip such
+a step themselves (ZeRO 1–3 and bf16 check the reduced gradients for inf/NaN, fp16 through its
+loss scaler); only ZeRO-0 in fp32 hands the gradients to the plain torch optimizer, so
+`engine_step` skips it there. A non-finite loss always gives non-finite gradients, so stages
+back-propagate whatever they computed and read `OptimizerStep.applied`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tinyclip_ds.train.optim import TrainConfig, build_optimizer
+
+
+def build_engine(module: nn.Module, ds_config: dict, train: TrainConfig):
+    """The DeepSpeed engine around ``module`` with the recipe's AdamW and schedule."""
+    import deepspeed
+
+    optimizer, schedule = build_optimizer(module, train)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine
+
+
+@dataclass
+class OptimizerStep:
+    """What the optimizer step at an accumulation boundary did."""
+
+    applied: bool  # False: non-finite gradients on some rank, nothing changed
+    grad_norm: float | None  # before clipping, where DeepSpeed does not report it itself
+
+
+def engine_step(engine) -> OptimizerStep | None:
+    """``engine.step()`` after a micro-batch's backward; at the accumulation boundary, what the
+    optimizer step did (None between boundaries).
+
+    Where DeepSpeed keeps no gradient norm (ZeRO-0 without bf16 clips with it but drops it), it
+    is measured here before the step clips; by then the gradients are averaged over ranks, so
+    every rank sees the same norm and makes the same decision."""
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return None
+    measured = None
+    if not hasattr(engine.optimizer, "_global_grad_norm") and not engine.fp16_enabled():  # fp16 grads carry the loss scale
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters()
+                 if p.grad is not None]
+        if norms:
+            measured = torch.linalg.vector_norm(torch.stack(norms)).item()
+        if measured is not None and not torch.isfinite(torch.tensor(measured)):
+            _skip_plain_optimizer_step(engine)
+            return OptimizerStep(applied=False, grad_norm=None)
+    engine.step()
+    return OptimizerStep(applied=engine.was_step_applied(), grad_norm=measured)
+
+
+def _skip_plain_optimizer_step(engine) -> None:
+    """Finish the boundary without changing anything: DeepSpeed's bookkeeping (micro-step count,
+    zeroing the gradients) runs, the torch optimizer's update does not, and the schedule, which
+    DeepSpeed advances regardless, is put back."""
+    optimizer, schedule = engine.optimizer, engine.lr_scheduler
+    saved = schedule.state_dict() if schedule is not None else None
+    rates = [group["lr"] for group in optimizer.param_groups]
+    optimizer.step = lambda *args, **kwargs: None  # shadows the method for this one call
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+    if schedule is not None:
+        schedule.load_state_dict(saved)
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
