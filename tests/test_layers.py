@@ -19,7 +19,7 @@ from tinyclip_ds.config import PROJECT_ROOT
 EVERY_OTHER_LAYER = frozenset({"*"})
 FORBIDDEN = {
     "models": frozenset({"train", "eval", "data", "distill", "recipe", "demo", "cli", "export", "summary",
-                         "launch"}),
+                         "launch", "progress"}),  # models run no long jobs: no progress bars
     "data": frozenset({"models", "eval", "train", "distill", "recipe"}),
     "distill": frozenset({"train", "eval", "data", "recipe"}),
     "eval": frozenset({"train"}),

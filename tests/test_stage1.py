@@ -44,7 +44,7 @@ def test_demo_trains_logs_evaluates_checkpoints_and_resumes(tmp_path, stage, ran
     assert all(0 < norm < math.inf for _, norm in scalars["train/grad_norm"])
     if stage == "stage1_text":
         assert "loss/attn_probs" in scalars and "loss/rep_kl" in scalars
-    assert "eval/similarity_student_vs_teacher" in images
+    assert {"eval/similarity_student_vs_teacher", "eval/retrieval_student", "eval/retrieval_teacher"} <= set(images)
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [4, 8]

@@ -104,13 +104,51 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_weights(args: argparse.Namespace) -> int:
-    """Write a run's student towers as plain fp32 safetensors (keys image.* / text.*, the
-    recipe in the metadata), consolidated from the checkpoint's ZeRO shards."""
-    from tinyclip_ds.export import export_weights
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's (or checkpoint's) student for other libraries: open_clip (a local-dir
+    model directory), hf (a transformers CLIPModel + CLIPProcessor directory) or tinyclip (plain
+    fp32 safetensors for this library); weight sharing is unrolled for open_clip and hf."""
+    from tinyclip_ds.export import export
 
-    print(f"student weights: {export_weights(args.run, args.checkpoint, args.out)}")
+    print(f"{args.format} export: {export(args.model, args.format, args.out, args.checkpoint)}")
     return 0
+
+
+def cmd_export_weights(args: argparse.Namespace) -> int:
+    """Alias of 'export RUN --format tinyclip': a run's student towers as plain fp32
+    safetensors (keys image.* / text.*, the recipe in the metadata)."""
+    from tinyclip_ds.export import export
+
+    out = args.out or os.path.join(args.run, "")  # a directory: export names the file student_<tag>.safetensors
+    print(f"student weights: {export(args.run, 'tinyclip', out, args.checkpoint)}")
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    """Teacher vs student, per tower and whole model: parameters, GFLOPs per sample (PyTorch's
+    FlopCounterMode), latency at batch 1 and throughput at --batch-size; a table and JSON (--out)."""
+    import json
+
+    from tinyclip_ds.speed import Settings, format_report, speed_report
+
+    settings = Settings(device=args.device, precision=args.precision, threads=args.threads,
+                        batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
+    report = speed_report(args.source, settings, args.overrides, args.teacher_shape)
+    print(format_report(report))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"# JSON: {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Retrieval R@1/5/10 and zero-shot top-1/top-5 of a student (and its teacher) on the given
+    sets: a table on the terminal and a JSON report; distributed when started by deepspeed."""
+    from tinyclip_ds.evaluate import run_eval
+
+    return run_eval(args)
 
 
 DEBUG_HELP = "show the traceback of an error (same as TINYCLIP_DS_DEBUG=1)"
@@ -164,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--workers", type=_positive_arg, default=4, help="parallel conversion processes")
     convert.set_defaults(func=cmd_convert_ckpt)
 
+    export = sub.add_parser("export", parents=[debug], help=cmd_export.__doc__, description=cmd_export.__doc__)
+    export.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory (its newest complete checkpoint) or a checkpoint directory")
+    export.add_argument("--format", required=True, choices=("open_clip", "hf", "tinyclip"))
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (tinyclip: a .safetensors file, or a directory that gets "
+                             "student_<tag>.safetensors)")
+    export.add_argument("--checkpoint", default="auto", metavar="TAG|PATH",
+                        help="which checkpoint of a run: a tag (step_00000100), a path, or auto = the newest complete one")
+    export.set_defaults(func=cmd_export)
+
     export = sub.add_parser("export-weights", parents=[debug], help=cmd_export_weights.__doc__,
                             description=cmd_export_weights.__doc__)
     export.add_argument("run", help="run directory")
@@ -171,6 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which checkpoint: a tag (step_00000100), a path, or auto = the newest complete one")
     export.add_argument("--out", default=None, help="output file (default: RUN/student_<tag>.safetensors)")
     export.set_defaults(func=cmd_export_weights)
+
+    speed = sub.add_parser("speed", parents=[debug], help=cmd_speed.__doc__, description=cmd_speed.__doc__)
+    speed.add_argument("source", metavar="RUN_OR_RECIPE",
+                       help="a recipe file, a run directory (its recipe.yaml) or a checkpoint directory "
+                            "(its recipe and student weights)")
+    speed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set student.image.layers=6 (repeatable)")
+    speed.add_argument("--teacher-shape", default=None, metavar="MODEL",
+                       help="time a teacher of this open_clip architecture with random weights (a model "
+                            "name such as ViT-B-32, ViT-B-16, ViT-B-32-quickgelu, or a model-config JSON) "
+                            "instead of loading the recipe's teacher weights")
+    speed.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    speed.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="dtype of every tower and input")
+    speed.add_argument("--threads", type=_positive_arg, default=0,
+                       help="CPU threads (torch.set_num_threads; default: PyTorch's)")
+    speed.add_argument("--batch-size", type=_positive_arg, default=32, help="batch size of the throughput")
+    speed.add_argument("--warmup", type=int, default=3, help="untimed forwards before each measurement")
+    speed.add_argument("--repeats", type=_positive_arg, default=10, help="timed forwards per measurement")
+    speed.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    speed.set_defaults(func=cmd_speed)
+
+    from tinyclip_ds.evaluate import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser("eval", parents=[debug], help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zerosh
 from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, save_word_teacher
 from tinyclip_ds.models.tokenizer import WordTokenizer, split_words
 from tinyclip_ds.models.transformer import Clip, TowerShape
+from tinyclip_ds.progress import progress
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
@@ -165,6 +167,7 @@ def train(out: Path) -> None:
         (step + 1) / WARMUP_STEPS, 0.5 * (1 + math.cos(math.pi * step / total_steps))))
 
     start = time.time()
+    bar = progress(total=total_steps, desc="teacher", unit="step", leave=True)
     for epoch in range(EPOCHS):
         clip.train()
         order = torch.randperm(per_epoch, generator=generator)
@@ -190,11 +193,14 @@ def train(out: Path) -> None:
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             losses.append(loss.item())
+            bar.update()
         clip.eval()
         accuracy = zero_shot_accuracy(clip, tokenizer, heldout_single_images, heldout_labels)
-        print(f"epoch {epoch + 1}/{EPOCHS}  loss {np.mean(losses):.4f}  "
-              f"logit scale {clip.logit_scale.exp().item():.1f}  held-out zero-shot {accuracy:.4f}  "
-              f"({time.time() - start:.0f} s)", flush=True)
+        bar.write(f"epoch {epoch + 1}/{EPOCHS}  loss {np.mean(losses):.4f}  "  # above the bar, if any
+                  f"logit scale {clip.logit_scale.exp().item():.1f}  held-out zero-shot {accuracy:.4f}  "
+                  f"({time.time() - start:.0f} s)", file=sys.stdout)
+        sys.stdout.flush()
+    bar.close()
 
     accuracy = zero_shot_accuracy(clip, tokenizer, heldout_single_images, heldout_labels)
     text_to_image, image_to_text = pair_retrieval(clip, tokenizer, heldout_pair_images, heldout_captions)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from tinyclip_ds import distributed
@@ -32,6 +32,8 @@ from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pa
 from tinyclip_ds.data.transforms import eval_transform
 from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
+from tinyclip_ds.eval.plots import chosen_rows
+from tinyclip_ds.progress import progress
 
 Encoder = Callable[[Tensor], Tensor]
 
@@ -108,7 +110,7 @@ class Evaluator:
         if self.retrieval:
             captions = self.retrieval[1]
             retrieval = self._encode_sharded(len(captions), lambda idx: self.tokenizer([captions[i] for i in idx]),
-                                             encode)
+                                             encode, "eval.data captions")
         classes = None
         if self.zeroshot:
             classes = class_embeddings(lambda ids: encode(ids.to(self.device)).float(), self.tokenizer,
@@ -134,6 +136,28 @@ class Evaluator:
                        for image in range(min(k, len(images.retrieval)))]
         return images.retrieval[:k] @ texts.retrieval[first_texts].T
 
+    def retrieval_examples(self, images: ImageSide, texts: TextSide, rows: int = 4, k: int = 5,
+                           thumbnail: int = 96) -> tuple[Tensor, list[str], list[Image.Image], list[int]] | None:
+        """`plots.retrieval_grid`'s inputs for ``rows`` evenly spaced retrieval captions searched
+        against the *whole* image set: their similarities to, and thumbnails of, only the images
+        among their top ``k`` or correct (so the top ``k`` shown are the set's). Loads those few
+        images (untransformed); call it where the picture is drawn (rank 0). None without eval.data."""
+        if not self.retrieval:
+            return None
+        source, captions, owners = self.retrieval
+        picked = chosen_rows(len(captions), rows)
+        similarity = texts.retrieval[picked] @ images.retrieval.T
+        top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices
+        shown = sorted(set(top.flatten().tolist()) | {owners[i] for i in picked})
+        thumbs = []
+        for i in shown:
+            image = source.load(i)
+            if not isinstance(image, Image.Image):
+                raise unusable_image(source, i, image, "eval.data")
+            thumbs.append(ImageOps.contain(image.convert("RGB"), (thumbnail, thumbnail)))
+        return (similarity[:, shown], [captions[i] for i in picked], thumbs,
+                [shown.index(owners[i]) for i in picked])
+
     def _encode_images(self, encode: Encoder, source: ImageSource, key: str) -> Tensor:
         def load(indices):
             images = []
@@ -143,9 +167,10 @@ class Evaluator:
                     raise unusable_image(source, i, image, key)
                 images.append(self.transform(image))
             return torch.stack(images)
-        return self._encode_sharded(len(source), load, encode)
+        return self._encode_sharded(len(source), load, encode, f"{key} images")
 
-    def _encode_sharded(self, total: int, load: Callable[[list[int]], Tensor], encode: Encoder) -> Tensor:
+    def _encode_sharded(self, total: int, load: Callable[[list[int]], Tensor], encode: Encoder,
+                        desc: str = "") -> Tensor:
         """Embed the set in chunks of ``eval.batch_size`` samples dealt out to the ranks in turn,
         then gather the full set in sample order on every rank.
 
@@ -161,7 +186,7 @@ class Evaluator:
         chunks = [list(range(start, min(start + size, total))) for start in range(0, total, size)]
         mine = chunks[rank::world]
         outputs, indices = [], []
-        for turn in range(math.ceil(len(chunks) / world)):
+        for turn in progress(range(math.ceil(len(chunks) / world)), desc=desc, unit="batch"):
             chunk = mine[turn] if turn < len(mine) else []
             batch = load(chunk or [0])
             batch = torch.cat([batch, batch[:1].expand(size - len(batch), *batch.shape[1:])])

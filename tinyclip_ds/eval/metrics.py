@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinyclip_ds.progress import progress
+
 # Elements of one (rows × candidates) score chunk: 4M fp32 = 16 MiB, plus a few masks of the
 # same shape. A COCO 5k × 25k evaluation runs in ~30 chunks of ~160 rows.
 CHUNK_ELEMENTS = 1 << 22
@@ -158,7 +160,7 @@ def class_embeddings(encode_text: Callable[[Tensor], Tensor], tokenizer: Callabl
     prompts = [template.format(name) for name in classnames for template in templates]
     embeddings = torch.cat([
         _normalized(encode_text(tokenizer(prompts[start:start + batch_size])))
-        for start in range(0, len(prompts), batch_size)
+        for start in progress(range(0, len(prompts), batch_size), desc="zero-shot class prompts", unit="batch")
     ])
     per_class = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(per_class, dim=-1)

@@ -57,6 +57,13 @@ class Monitor:
         self.writer.add_image(tag, similarity_image(matrix), step, dataformats="HWC")
         self.writer.flush()
 
+    def image(self, tag: str, step: int, picture) -> None:
+        """A PIL image (e.g. a retrieval grid) as it is."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

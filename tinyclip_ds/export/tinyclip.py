@@ -1,18 +1,19 @@
-"""Plain fp32 student weights from a run's checkpoint, for use outside DeepSpeed.
+"""``--format tinyclip``: plain fp32 student weights for this library, one safetensors file.
 
-``export_weights(run_dir)`` consolidates a checkpoint (ZeRO shards through DeepSpeed's
-zero_to_fp32, or a ZeRO-0 checkpoint as saved), keeps the student towers only (not the
-distillation projections, not the stage-1 heads kept in stage 2) and writes a safetensors file
-with per-tower keys ``image.*`` / ``text.*``, the run's recipe and the full shape of every
-student tower in the metadata. ``load_student_weights(file)`` builds fresh towers of those
-shapes and loads the file into them with ``strict=True``: it needs nothing but the file (no
-teacher, any working directory).
+`consolidate` reads a checkpoint (ZeRO shards through DeepSpeed's zero_to_fp32, or a ZeRO-0
+checkpoint as saved) and keeps the student towers only (not the distillation projections, not
+the stage-1 heads kept in stage 2); every export format starts from it. `export_weights` writes
+them with per-tower keys ``image.*`` / ``text.*``, the run's recipe and the full shape of every
+student tower in the metadata. `load_student_weights(file)` builds fresh towers of those shapes
+and loads the file into them with ``strict=True``: it needs nothing but the file (no teacher,
+any working directory).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -39,18 +40,25 @@ def student_state_dict(engine_state: dict[str, Tensor], stage: str) -> dict[str,
     return out
 
 
-def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | None = None) -> Path:
-    """Write the student weights of checkpoint ``which`` (a tag, a path, or ``auto`` = the
-    newest complete one) of ``run_dir`` to ``out`` (default ``<run_dir>/student_<tag>.safetensors``)
-    with the checkpoint's recipe and tower shapes; checks that they load with ``strict=True``
-    into towers of those shapes."""
-    run_dir = Path(run_dir)
-    path = checkpoint.resolve_resume(run_dir, which)
-    if path is None:
-        raise RecipeError(f"{run_dir} has no complete checkpoint to export")
+@dataclass
+class Consolidated:
+    """The student towers of one checkpoint as plain fp32 tensors, with what describes them."""
+    path: Path                    # the checkpoint directory
+    recipe: Recipe
+    recipe_text: str              # the recipe.yaml the checkpoint was saved with, verbatim
+    shapes: dict[str, dict]       # kind -> `shape_record` of each trained tower
+    weights: dict[str, Tensor]    # ``image.*`` / ``text.*``
+    logit_scale: float | None     # stage 2's exp(log scale) as training applies it; None for stage 1
+    step: int
+
+
+def consolidate(path: Path) -> Consolidated:
+    """The student towers of the complete checkpoint directory ``path``, consolidated to fp32."""
+    path = Path(path)
     recipe_path = checkpoint.recipe_of(path)
     if not recipe_path.is_file():
-        raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
+        raise RecipeError(f"{path} has no recipe.yaml beside it or in its run directory, so it is not "
+                          f"a checkpoint of a tinyclip-ds run")
     recipe_text = recipe_path.read_text()
     recipe = load_recipe(recipe_path)
     shapes = checkpoint.saved_record(path)["towers"]
@@ -60,17 +68,41 @@ def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | N
                                                    recipe.towers).items()}
     engine_state = checkpoint.consolidated_state_dict(path)
     weights = student_state_dict(engine_state, recipe.stage)
-    metadata = {"recipe": recipe_text, "stage": recipe.stage, "students": json.dumps(shapes),
-                "checkpoint": str(path.resolve()), "step": str(checkpoint.marker_info(path)["step"])}
+    logit_scale = None
     if recipe.stage == "stage2":
         # CLIP's temperature, as the stage-2 module applies it (clamped to [1, logit_scale_max]).
         log_scale = engine_state["logit_scale.log_scale"].float().clamp(0.0, math.log(recipe.loss.logit_scale_max))
-        metadata["logit_scale"] = json.dumps(log_scale.exp().item())
-    towers_with(shapes, weights)
-    out = Path(out) if out else run_dir / f"student_{path.name}.safetensors"
+        logit_scale = log_scale.exp().item()
+    return Consolidated(path=path, recipe=recipe, recipe_text=recipe_text, shapes=shapes, weights=weights,
+                        logit_scale=logit_scale, step=int(checkpoint.marker_info(path)["step"]))
+
+
+def write_tinyclip(found: Consolidated, out: Path) -> Path:
+    """Write ``found`` to the safetensors file ``out`` (recipe, shapes, step and logit scale in
+    the metadata) after checking that it loads strictly into towers of its shapes."""
+    metadata = {"recipe": found.recipe_text, "stage": found.recipe.stage, "students": json.dumps(found.shapes),
+                "checkpoint": str(found.path.resolve()), "step": str(found.step)}
+    if found.logit_scale is not None:
+        metadata["logit_scale"] = json.dumps(found.logit_scale)
+    towers_with(found.shapes, found.weights)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=metadata)
+    save_file(found.weights, str(out), metadata=metadata)
     return out
+
+
+def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | None = None) -> Path:
+    """Write the student weights of checkpoint ``which`` (a tag, a path, or ``auto`` = the
+    newest complete one) of ``run_dir`` to ``out`` (default ``<run_dir>/student_<tag>.safetensors``)
+    with the checkpoint's recipe and tower shapes; checks that they load with ``strict=True``
+    into towers of those shapes."""
+    run_dir = Path(run_dir)
+    path = checkpoint.resolve_resume(run_dir, which)
+    if path is None:
+        raise RecipeError(f"{run_dir} has no complete checkpoint to export")
+    if not checkpoint.recipe_of(path).is_file():
+        raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    return write_tinyclip(consolidate(path), Path(out) if out else run_dir / f"student_{path.name}.safetensors")
 
 
 def towers_with(shapes: dict[str, dict], weights: dict[str, Tensor]) -> dict[str, Tower]:
@@ -96,7 +128,8 @@ def load_student_weights(path: str | Path) -> tuple[Recipe, dict[str, Tower]]:
         metadata = f.metadata() or {}
         weights = {name: f.get_tensor(name) for name in f.keys()}
     if "recipe" not in metadata:
-        raise ValueError(f"{path} has no recipe in its metadata; was it written by 'tinyclip-ds export-weights'?")
+        raise ValueError(f"{path} has no recipe in its metadata; was it written by "
+                         f"'tinyclip-ds export --format tinyclip'?")
     recipe = build(Recipe, yaml.safe_load(metadata["recipe"]))
     validate(recipe)
     if "students" in metadata:
