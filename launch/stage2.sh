@@ -12,6 +12,6 @@ exec python3 -m tinyclip_ds.launch "$0" "$@"
 ":"""
 import sys
 
-from tinyclip_ds.cli import main
+from tinyclip_ds.cli import exit_process, main
 
-sys.exit(main(["train", "--stage", "stage2", *sys.argv[1:]]))
+exit_process(main(["train", "--stage", "stage2", *sys.argv[1:]]))

@@ -45,7 +45,8 @@ import psutil
 LAUNCHER_MODULE = "deepspeed.launcher.launch"  # DeepSpeed's per-node launcher, the ranks' parent
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
-POLL_S = 0.5
+POLL_S = 0.5  # while waiting for DeepSpeed's launcher to start the ranks (each look lists processes)
+REAP_POLL_S = 0.1  # once we look after the ranks: a look is one waitpid, and it is the job's exit latency
 
 
 class LaunchError(ValueError):
@@ -159,7 +160,7 @@ class Supervisor:
             self._pass_on_stop()
             if not self._reap():
                 break
-            time.sleep(POLL_S)
+            time.sleep(REAP_POLL_S if self.took_over else POLL_S)
         if self.took_over:
             return self.failed or 0
         return self.runner_status

@@ -134,8 +134,10 @@ class Trainer:
         finally:
             preemption.restore()
             batches.close()
+            # On every way out (pre-emption included): the launchers end a successful rank
+            # without the interpreter's teardown (cli.exit_process), which would close it too late.
+            run.monitor.close()
         run.monitor.print(f"done: {state.step} steps; run directory {run.run_dir.resolve()}")
-        run.monitor.close()
         return 0
 
     def start(self) -> TrainState:
