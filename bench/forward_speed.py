@@ -6,6 +6,8 @@ hidden states, attention scores and probabilities, q/k/v, embeddings, projected 
 Target: ours / open_clip ≤ 1.10 with nothing requested.
 
     python bench/forward_speed.py --batch 8 --threads 2 --repeats 10
+    python bench/forward_speed.py --config /tmp/vs/configs/bench-teacher.json --batch 64
+        # any open_clip model-config JSON instead (here bench/vs_open_clip.py's teacher)
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--config", action="append", default=[],
+                        help="an open_clip model-config JSON to time (both towers) instead of the ViT-Bs")
     args = parser.parse_args()
+    models = MODELS
+    if args.config:
+        for config in args.config:
+            open_clip.add_model_config(config)
+        models = {Path(config).stem: ("image", "text") for config in args.config}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, fp32 CPU, "
@@ -59,7 +68,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, towers in MODELS.items():
+        for name, towers in models.items():
             library = open_clip.create_model(name).eval()
             weights = Path(tmp) / f"{name}.pt"
             torch.save(library.state_dict(), weights)
@@ -71,7 +80,7 @@ def main() -> None:
                     inputs = torch.randn(args.batch, 3, size, size)
                     reference = library.encode_image
                 else:
-                    inputs = open_clip.tokenize(["a photo of a cat"] * args.batch)
+                    inputs = open_clip.tokenize(["a photo of a cat"] * args.batch, clip.text.shape.context_length)
                     reference = library.encode_text
                 everything = Request(layers=tuple(range(ours.transformer.depth)), hidden=True,
                                      attention=True, qkv=True, embeddings=True, tokens=True)

@@ -59,7 +59,7 @@ OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]
 OPEN_CLIP_STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
 OURS_STEP = re.compile(r"^step (\d+)/(\d+) loss")
 OURS_CHECKPOINT = re.compile(r"^step \d+: checkpoint ")
-OURS_LOOP_START = re.compile(r"training samples; global batch")
+OURS_LOOP_START = re.compile(r"; global batch \d+ = micro")
 OURS_DONE = re.compile(r"^done: \d+ steps")
 
 
@@ -282,7 +282,7 @@ FOOTNOTES = """\
 samples/s: N*64 / (t(2N) - t(N)), t = wall time from process start to exit (start-up, the final
   checkpoint and exit cancel out). ratio > 1: ours faster.
 first step s: open_clip: its first "Train Epoch" line (printed after step 1); ours (≈): our
-  "training samples" line (printed just before step 1) + one steady-state step, as ours logs
+  "training order: ...; global batch" line (printed just before step 1) + one steady-state step, as ours logs
   no step before train.log_every.
 fixed s: t(N) - N * steady step time: start-up + final checkpoint + exit, what does not grow with steps.
 peak RSS: psutil, polled every 50 ms, max over the runs. tree: the resident sets of the process

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from tinyclip_ds.data.datasets import ImageDataset, PairDataset
+from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
 from tinyclip_ds.data.sources import SKIP_REASONS, image_source, load_image, pair_source
 from tinyclip_ds.data.transforms import eval_transform, to_rgb, train_transform
@@ -107,7 +108,7 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 
 def run_epochs(dataset, epochs: int, micro_batch: int, accumulation: int) -> list[dict]:
     """Every micro-batch of ``epochs`` whole epochs through the training loader with 2 workers."""
-    sampler = GlobalBatchSampler(len(dataset), micro_batch, accumulation, world_size=1, rank=0, seed=0)
+    sampler = GlobalBatchSampler(GlobalOrder([len(dataset)], seed=0), micro_batch, accumulation, world_size=1, rank=0)
     assert sampler.steps_per_epoch * sampler.global_batch == len(dataset), "the test must cover whole epochs"
     batches = iter(train_loader(dataset, sampler, num_workers=2))
     drawn = [next(batches) for _ in range(epochs * sampler.steps_per_epoch * accumulation)]

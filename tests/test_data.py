@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torchvision import transforms as T
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import ImageDataset, PairDataset, TextDataset, collate
+from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, sample_seed, train_loader
 from tinyclip_ds.data.sources import (SKIP_REASONS, ImageSource, PairSource, caption_source,
                                       classification_source, eval_pairs, image_source, pair_source)
@@ -122,7 +125,7 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     assert dataset[(3, 0)] == {"index": 3, "skipped": "not_an_image", "source": str(tmp_path)}
     assert dataset[(5, 0)] == {"index": 5, "skipped": "truncated", "source": str(tmp_path)}
 
-    sampler = GlobalBatchSampler(6, micro_batch=6, accumulation=1, world_size=1, rank=0, seed=0)
+    sampler = GlobalBatchSampler(GlobalOrder([6], seed=0), micro_batch=6, accumulation=1, world_size=1, rank=0)
     for workers in (0, 2):
         batch = next(iter(train_loader(dataset, sampler, num_workers=workers)))
         keys = sampler.micro_batch_keys(0, 0)
@@ -420,8 +423,8 @@ def micro_batches_of_step(world: int, accumulation: int, num_samples: int, step:
     """The micro-batches of global step ``step`` in k order, gathered from every rank's sampler."""
     per_rank = []
     for rank in range(world):
-        iterator = iter(GlobalBatchSampler(num_samples, MICRO, accumulation, world, rank,
-                                           seed=5, start_position=start_step * accumulation))
+        iterator = iter(GlobalBatchSampler(GlobalOrder([num_samples], seed=5), MICRO, accumulation, world,
+                                           rank, start_position=start_step * accumulation))
         batches = [next(iterator) for _ in range((step - start_step + 1) * accumulation)]
         per_rank.append(batches[-accumulation:])
     # k = m * world + r
@@ -433,30 +436,32 @@ def test_global_steps_are_independent_of_world_size():
     for step in (0, 3, 4, 9):
         layouts = [micro_batches_of_step(w, a, num_samples, step) for w, a in WORLDS]
         assert layouts[0] == layouts[1] == layouts[2]
-        sampler = GlobalBatchSampler(num_samples, MICRO, 4, 1, 0, seed=5)
+        sampler = GlobalBatchSampler(GlobalOrder([num_samples], seed=5), MICRO, 4, 1, 0)
         assert [i for batch in layouts[0] for i, _ in batch] == sampler.global_batch_indices(step)
-        epoch = sampler.epoch_of(step)
-        assert all(s == sample_seed(5, epoch, i) for batch in layouts[0] for i, s in batch)
+        epoch, start = sampler.epoch_of(step), (step % sampler.steps_per_epoch) * 12
+        seeds = [s for batch in layouts[0] for _, s in batch]
+        assert seeds == [sample_seed(5, epoch, start + p) for p in range(12)]
 
 
 def test_each_epoch_is_a_permutation_without_repeats():
-    sampler = GlobalBatchSampler(50, MICRO, 2, 2, 0, seed=5)
+    sampler = GlobalBatchSampler(GlobalOrder([50], seed=5), MICRO, 2, 2, 0)
     assert sampler.steps_per_epoch == 4 and sampler.epoch_of(3) == 0 and sampler.epoch_of(4) == 1
     epochs = [[i for step in range(e * 4, e * 4 + 4) for i in sampler.global_batch_indices(step)]
               for e in range(3)]
     for seen in epochs:
         assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(50))
     assert epochs[0] != epochs[1] != epochs[2]
-    other_seed = GlobalBatchSampler(50, MICRO, 2, 2, 0, seed=6)
+    other_seed = GlobalBatchSampler(GlobalOrder([50], seed=6), MICRO, 2, 2, 0)
     assert other_seed.global_batch_indices(0) != sampler.global_batch_indices(0)
 
 
 @pytest.mark.parametrize("world,accumulation", WORLDS)
 def test_start_step_continues_an_uninterrupted_run(world, accumulation):
     for rank in range(world):
-        full = iter(GlobalBatchSampler(50, MICRO, accumulation, world, rank, seed=5))
+        full = iter(GlobalBatchSampler(GlobalOrder([50], seed=5), MICRO, accumulation, world, rank))
         uninterrupted = [next(full) for _ in range(11 * accumulation)]
-        resumed = iter(GlobalBatchSampler(50, MICRO, accumulation, world, rank, seed=5, start_position=6 * accumulation))
+        resumed = iter(GlobalBatchSampler(GlobalOrder([50], seed=5), MICRO, accumulation, world, rank,
+                                           start_position=6 * accumulation))
         assert [next(resumed) for _ in range(5 * accumulation)] == uninterrupted[6 * accumulation:]
 
 
@@ -474,7 +479,7 @@ def test_resume_on_another_world_size_sees_the_same_augmented_samples(tmp_path):
 
 def test_too_little_data_for_one_global_batch():
     with pytest.raises(RecipeError, match="fewer than one global batch of 24"):
-        GlobalBatchSampler(20, micro_batch=3, accumulation=4, world_size=2, rank=0, seed=0)
+        GlobalBatchSampler(GlobalOrder([20], seed=0), micro_batch=3, accumulation=4, world_size=2, rank=0)
 
 
 # --------------------------------------------------------------------------- the digits demo
@@ -513,3 +518,27 @@ def test_demo_sources(digits):
     sample = dataset[(0, 3)]
     assert sample["image"].shape == (3, digits.IMAGE_SIZE, digits.IMAGE_SIZE)
     assert torch.equal(sample["text"], tokenizer([pairs.captions[0][0]])[0])
+
+
+# --------------------------------------------------------------------------- compact indexes
+
+def test_paths_and_captions_are_packed_in_a_fraction_of_the_memory_of_lists():
+    import tracemalloc
+
+    from tinyclip_ds.data.sources import CaptionTable, PathTable
+
+    names = [f"/data/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(20_000)]
+    names.append(os.fsdecode(b"/data/caf\xe9.jpg"))  # not UTF-8: kept as the file system gives it
+    tracemalloc.start()
+    as_list = [Path(name) for name in names]
+    for path in as_list:
+        path.name  # a Path parses its parts on first use, as the loader's reads do
+    list_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    table = PathTable(names)
+    assert table == as_list and table[-1] == as_list[-1] and table[5:7] == as_list[5:7]
+    assert table.texts.nbytes < list_bytes / 3
+
+    captions = CaptionTable([["a dog", "a dog on grass"], [], ["café ☕"]])
+    assert len(captions) == 3 and captions == [["a dog", "a dog on grass"], [], ["café ☕"]]
+    assert captions[-1] == ["café ☕"]

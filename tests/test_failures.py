@@ -160,6 +160,7 @@ EXIT_WITHOUT_CLOSING = textwrap.dedent('''
     from torch.utils.data import Dataset
 
     from tinyclip_ds.data import sampler
+    from tinyclip_ds.data.order import GlobalOrder
 
 
     class Numbers(Dataset):
@@ -171,7 +172,7 @@ EXIT_WITHOUT_CLOSING = textwrap.dedent('''
 
 
     sampler.WORKER_GRACE_S = 2.0
-    batches = sampler.TrainBatches(Numbers(), sampler.GlobalBatchSampler(64, 8, 1, 1, 0, seed=0), num_workers=1)
+    batches = sampler.TrainBatches(Numbers(), sampler.GlobalBatchSampler(GlobalOrder([64], seed=0), 8, 1, 1, 0), num_workers=1)
     assert next(batches)["index"].numel() == 8
     batches.cycle = batches
     print("exiting", flush=True)

@@ -146,14 +146,50 @@ def write_imagenet_split(imagenet: Path, split: str, per_class: int, first_id: i
         (imagenet / split / "classnames.txt").write_text("\n".join(wnids.values()) + "\n")
 
 
+def write_img2dataset_shards(folder: Path, shards: int, per_shard: int, first_id: int) -> None:
+    """``<folder>/00000.tar, ...`` as img2dataset writes them: ``%09d.jpg`` + ``.txt`` + ``.json``
+    (the shipped recipes name a longer brace range: the shards not written are gaps, as when
+    img2dataset fails a shard)."""
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        with webdataset.TarWriter(str(folder / f"{shard:05d}.tar")) as writer:
+            for key in range(first_id + shard * per_shard, first_id + (shard + 1) * per_shard):
+                jpeg = folder / f"{key}.jpg"
+                write_jpeg(jpeg, key)
+                caption = f"A web photo number {key} of a scene."
+                writer.write({"__key__": f"{key:09d}", "jpg": jpeg.read_bytes(), "txt": caption,
+                              "json": json.dumps({"caption": caption, "status": "success"})})
+                jpeg.unlink()
+
+
+def write_hf_dataset(folder: Path, rows: int, first_id: int) -> None:
+    """A ``save_to_disk`` DatasetDict with a train split: an Image column "image", text "caption"."""
+    import datasets
+
+    images = []
+    for key in range(first_id, first_id + rows):
+        jpeg = folder.parent / f"{key}.jpg"
+        write_jpeg(jpeg, key)
+        images.append({"bytes": jpeg.read_bytes(), "path": None})
+        jpeg.unlink()
+    train = datasets.Dataset.from_dict({"image": images,
+                                        "caption": [f"A dataset photo number {k}." for k in range(first_id, first_id + rows)]})
+    datasets.DatasetDict({"train": train.cast_column("image", datasets.Image())}).save_to_disk(str(folder))
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """The folder the recipes run "from": data/ in the COCO and ImageNet layouts."""
+    """The folder the recipes run "from": data/ in the COCO and ImageNet layouts, CC3M as
+    img2dataset shards and a Hugging Face dataset saved to disk."""
     root = tmp_path_factory.mktemp("real_recipes")
     write_coco_split(root / "data/coco", "train2017", images=8, captions_each=2, first_id=1)
     write_coco_split(root / "data/coco", "val2017", images=4, captions_each=5, first_id=1001)
     write_imagenet_split(root / "data/imagenet", "train", per_class=2, first_id=2001)
     write_imagenet_split(root / "data/imagenet", "val", per_class=2, first_id=3001)
+    write_img2dataset_shards(root / "data/cc3m", shards=2, per_shard=4, first_id=4001)
+    write_hf_dataset(root / "data/hf/my_captioned_images", rows=8, first_id=5001)
     return root
 
 

@@ -154,6 +154,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Turn a source (image folder, .csv/.tsv, COCO captions .json, caption .txt) into webdataset
+    shards in img2dataset layout, images resized and centre-cropped to --size, in parallel; prints
+    what was skipped and why, and the brace pattern to put in a recipe."""
+    from tinyclip_ds.prepare import prepare
+
+    try:
+        report = prepare(args.source, args.out, size=args.size, kind=args.kind, shard_size=args.shard_size,
+                         workers=args.workers, quality=args.quality, image_root=args.image_root,
+                         csv_image_key=args.csv_image_key, csv_caption_key=args.csv_caption_key,
+                         overwrite=args.overwrite)
+    except ValueError as err:  # a bad value met while reading: an input error like a RecipeError
+        raise RecipeError(str(err)) from err
+    print(report.recipe_line)
+    return 0
+
+
 DEBUG_HELP = "show the traceback of an error (same as TINYCLIP_DS_DEBUG=1)"
 
 
@@ -250,6 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", parents=[debug], help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    from tinyclip_ds.prepare import KINDS, cli_default_workers
+
+    prep = sub.add_parser("prepare", parents=[debug], help=cmd_prepare.__doc__, description=cmd_prepare.__doc__)
+    prep.add_argument("source", metavar="SOURCE",
+                      help="an image folder, a .csv/.tsv (image path + caption columns), a COCO captions "
+                           ".json or a caption .txt")
+    prep.add_argument("--out", required=True, metavar="DIR", help="output folder for 00000.tar, ... and stats.json")
+    prep.add_argument("--size", type=_positive_arg, default=224,
+                      help="image side: short side resized to it, then centre-cropped to size x size")
+    prep.add_argument("--kind", choices=KINDS, default=None,
+                      help="what a sample holds (default: pairs for .csv/.tsv/.json, captions for .txt, "
+                           "images for a folder)")
+    prep.add_argument("--shard-size", type=_positive_arg, default=10_000,
+                      help="source samples per shard (shards are the unit of parallel work)")
+    prep.add_argument("--workers", type=_positive_arg, default=cli_default_workers(),
+                      help="parallel processes (default: min(8, CPU count)); the output does not depend on it")
+    prep.add_argument("--quality", type=int, default=95, help="JPEG quality, 1-100")
+    prep.add_argument("--image-root", default="", metavar="R",
+                      help="folder relative image paths of a .csv/.tsv/.json are resolved against (default: the "
+                           "file's folder, or <root>/<split>/ for <root>/annotations/captions_<split>.json)")
+    prep.add_argument("--csv-image-key", default="filepath", help="column of a .csv/.tsv holding the image path")
+    prep.add_argument("--csv-caption-key", default="title", help="column of a .csv/.tsv holding the caption")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="write into a non-empty --out, replacing the shards and stats.json found there")
+    prep.set_defaults(func=cmd_prepare)
     return parser
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.config import DataConfig
-from tinyclip_ds.data.sources import PairSource, classification_source, eval_pairs, text_lines
+from tinyclip_ds.data.mixture import retrieval_pairs
+from tinyclip_ds.data.sources import PairSource, classification_source, text_lines
 from tinyclip_ds.data.transforms import eval_transform, to_rgb
 from tinyclip_ds.eval.evaluator import DEFAULT_TEMPLATES, EvalConfig, Evaluator, check_images
 
@@ -225,7 +226,8 @@ def retrieval_set(spec: str, image_root: str, split: str | None, image_key: str,
     if split is not None:
         raise RecipeError(f"--split applies to Karpathy split files (dataset_coco.json, dataset_flickr30k.json); "
                           f"{spec} is not one: leave --split out")
-    return eval_pairs(spec, image_root, image_key, caption_key, key="--data")
+    return retrieval_pairs(spec, image_root, DataConfig(csv_image_key=image_key, csv_caption_key=caption_key),
+                           key="--data")
 
 
 def zeroshot_set(spec: str, classnames_file: str | None, templates_file: str | None

@@ -8,7 +8,6 @@ cross-section rules that no single section can check on its own.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import typing
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import yaml
 
 from tinyclip_ds.config import (PROJECT_ROOT, Range, RecipeError, apply_override, build, load_yaml_tree,
                                 option, origin_of, to_dict)
-from tinyclip_ds.data import sources
+from tinyclip_ds.data import mixture, sources
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.distill.objectives import LossConfig
 from tinyclip_ds.distill.terms import TERMS
@@ -110,6 +109,7 @@ RANGES: dict[str, Range] = {
     "data.randaugment_ops": _AT_LEAST_0,
     "data.randaugment_magnitude": Range(0, 30),
     "data.num_workers": Range(0, note="0 = load in the training process"),
+    "data.max_caption_chars": _AT_LEAST_1,
     **{f"loss.{term}": Range(0, note="0 = off") for term in TERMS},
     "loss.rep_kl_temperature": _POSITIVE,
     "loss.rep_relation_temperature": _POSITIVE,
@@ -184,6 +184,7 @@ def validate(recipe: Recipe, origins: dict | None = None) -> None:
     data_key = {"stage1_image": "images", "stage1_text": "captions", "stage2": "pairs"}[recipe.stage]
     if not getattr(recipe.data, data_key):
         raise RecipeError(f"a {recipe.stage} recipe needs training data in 'data.{data_key}'")
+    mixture.check_weights(recipe.data, data_key)
     weights = {name: getattr(recipe.loss, name) for name in TERMS}
     if recipe.stage != "stage2":
         wrong = [name for name, term in TERMS.items() if term.stage == "stage2" and weights[name]]
@@ -221,19 +222,16 @@ def check_paths(recipe: Recipe) -> None:
     does unless --no-paths). Raises a RecipeError naming the key and the path."""
     _check_teacher_paths(recipe.teacher)
     data, evaluation = recipe.data, recipe.eval
-    columns = dict(csv_image_key=data.csv_image_key, csv_caption_key=data.csv_caption_key)
-    name, read = {"stage1_image": ("images", sources.image_source),
-                  "stage1_text": ("captions", sources.caption_source),
-                  "stage2": ("pairs", functools.partial(sources.pair_source, image_root=data.image_root,
-                                                        **columns))}[recipe.stage]
+    name = {"stage1_image": "images", "stage1_text": "captions", "stage2": "pairs"}[recipe.stage]
     # Building a source indexes it, which is the check. The shipped demo:* data has no path
     # (and takes seconds to build).
-    for i, spec in enumerate(getattr(data, name)):
+    specs = getattr(data, name)
+    for i, spec in enumerate(specs):
         if _is_path(spec):
-            read(spec, key=f"data.{name}[{i}]")
+            mixture.read_part(spec, name, data, key=f"data.{name}[{i}]")
     # Evaluation sets are checked as a run checks them at its start: every image decoded.
     if _is_path(evaluation.data):
-        check_images(sources.eval_pairs(evaluation.data, evaluation.image_root, **columns)[0], "eval.data")
+        check_images(mixture.retrieval_pairs(evaluation.data, evaluation.image_root, data)[0], "eval.data")
     if _is_path(evaluation.zeroshot):
         check_images(sources.classification_source(evaluation.zeroshot)[0], "eval.zeroshot")
     if evaluation.zeroshot and evaluation.templates != "default":

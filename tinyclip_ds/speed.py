@@ -56,7 +56,7 @@ from tinyclip_ds.config import RecipeError
 from tinyclip_ds.models.students import Tower, build_students, tower_of, tower_parameter_shapes
 from tinyclip_ds.models.teachers import (DEMO_TEACHER_PATH, PRECISIONS, TeacherConfig, load_teacher,
                                          open_clip_config, open_clip_shapes)
-from tinyclip_ds.models.transformer import Clip, TextTower, VisionTower
+from tinyclip_ds.models.transformer import Clip, VisionTower
 from tinyclip_ds.progress import progress
 from tinyclip_ds.recipe import Recipe, load_recipe
 

@@ -2,12 +2,13 @@
 
 Training keys are ``(index, sample_seed)`` (from `tinyclip_ds.data.sampler`): all randomness
 of a sample — augmentation, which of its captions is used — is drawn from RNGs seeded with
-its sample seed, so a sample's tensors depend only on (index, seed, epoch), never on
-the worker, the rank or the world size. Evaluation keys are plain indices (no randomness:
-the eval transform is deterministic and the first caption is used).
+its sample seed, so a sample's tensors depend only on its index and its place in the global
+order, never on the worker, the rank or the world size. Evaluation keys are plain indices (no
+randomness: the eval transform is deterministic and the first caption is used).
 
-A sample whose image cannot be used comes back as ``{"index": i, "skipped": reason, "source":
-spec}`` (``reason`` from `sources.SKIP_REASONS`, ``spec`` the recipe source of the entry);
+A sample whose image or caption cannot be used comes back as ``{"index": i, "skipped": reason,
+"source": spec}`` (``reason`` from `sources.SKIP_REASONS` or `sources.CAPTION_SKIP_REASONS`,
+``spec`` the recipe source of the entry);
 `collate` drops it and counts it per reason and per source, so training logs it and goes on.
 """
 
@@ -16,19 +17,37 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-
-from tinyclip_ds.data.sources import ImageSource, PairSource
 
 Key = int | tuple[int, int]
 """``(index, sample_seed)`` in training, a plain index in evaluation."""
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 """Texts in, ``(len(texts), context_length)`` token ids out (the teacher's tokenizer)."""
+
+
+class ImageSourceLike(Protocol):
+    """What the datasets read (`sources.ImageSource`, `mixture.Mixture`)."""
+
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> Image.Image | str: ...
+    def source_of(self, index: int) -> str: ...
+
+
+class CaptionSource(Protocol):
+    """Samples with captions (`mixture.Mixture`, `sources.PairSource`)."""
+
+    def __len__(self) -> int: ...
+    def captions_of(self, index: int) -> list[str] | str: ...
+    def source_of(self, index: int) -> str: ...
+
+
+class PairSourceLike(ImageSourceLike, CaptionSource, Protocol):
+    """Images with their captions (`sources.PairSource`, `mixture.Mixture` of pair parts)."""
 
 
 def _split(key: Key) -> tuple[int, int | None]:
@@ -42,9 +61,16 @@ def _seeded(sample_seed: int | None, draw: Callable[[], torch.Tensor]) -> torch.
     """``draw()`` with torch's CPU RNG seeded by ``sample_seed``; the caller's RNG state is kept."""
     if sample_seed is None:
         return draw()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed)
+    # The CPU generator only: torch.manual_seed also queues a seed for every CUDA device, and
+    # without CUDA initialised each queued call records a stack trace — 40 % of a worker's time
+    # per 32-px sample. The CPU draws, and so the tensors, are the same.
+    generator = torch.random.default_generator
+    state = generator.get_state()
+    generator.manual_seed(sample_seed)
+    try:
         return draw()
+    finally:
+        generator.set_state(state)
 
 
 class ImageDataset(Dataset):
@@ -53,7 +79,7 @@ class ImageDataset(Dataset):
     With the eval transform and plain-index keys this is also the evaluation dataset of
     `eval_pairs` and `classification_source` images."""
 
-    def __init__(self, source: ImageSource, transform: Transform) -> None:
+    def __init__(self, source: ImageSourceLike, transform: Transform) -> None:
         self.source = source
         self.transform = transform
 
@@ -69,25 +95,31 @@ class ImageDataset(Dataset):
 
 
 class TextDataset(Dataset):
-    """Captions, tokenized -> ``{"index", "text": long (ctx,)}``."""
+    """Captions, tokenized -> ``{"index", "text": long (ctx,)}``; a sample with several captions
+    gives one drawn from the sample seed (the first in evaluation)."""
 
-    def __init__(self, captions: Sequence[str], tokenizer: Tokenizer) -> None:
-        self.captions = captions
+    def __init__(self, source: CaptionSource | Sequence[str], tokenizer: Tokenizer) -> None:
+        self.source = source
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.source)
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
-        index, _ = _split(key)
-        return {"index": index, "text": self.tokenizer([self.captions[index]])[0]}
+        index, seed = _split(key)
+        if isinstance(self.source, Sequence):
+            return {"index": index, "text": self.tokenizer([self.source[index]])[0]}
+        captions = self.source.captions_of(index)
+        if isinstance(captions, str):
+            return {"index": index, "skipped": captions, "source": self.source.source_of(index)}
+        return {"index": index, "text": self.tokenizer([_choose(captions, seed)])[0]}
 
 
 class PairDataset(Dataset):
     """Images with one of their captions -> ``{"index", "image", "text"}``; in training the
     caption is drawn from the sample seed (a new one each epoch), in evaluation it is the first."""
 
-    def __init__(self, source: PairSource, transform: Transform, tokenizer: Tokenizer) -> None:
+    def __init__(self, source: PairSourceLike, transform: Transform, tokenizer: Tokenizer) -> None:
         self.source = source
         self.images = ImageDataset(source, transform)
         self.tokenizer = tokenizer
@@ -96,13 +128,19 @@ class PairDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, key: Key) -> dict[str, Any]:
+        index, seed = _split(key)
+        captions = self.source.captions_of(index)  # before the image: a caption is cheaper to check
+        if isinstance(captions, str):
+            return {"index": index, "skipped": captions, "source": self.source.source_of(index)}
         sample = self.images[key]
         if "skipped" in sample:
             return sample
-        index, seed = _split(key)
-        captions = self.source.captions[index]
-        choice = 0 if seed is None else random.Random(seed).randrange(len(captions))
-        return {**sample, "text": self.tokenizer([captions[choice]])[0]}
+        return {**sample, "text": self.tokenizer([_choose(captions, seed)])[0]}
+
+
+def _choose(captions: list[str], seed: int | None) -> str:
+    """The first caption in evaluation, one drawn from the sample seed in training."""
+    return captions[0] if seed is None else captions[random.Random(seed).randrange(len(captions))]
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

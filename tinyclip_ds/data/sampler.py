@@ -1,17 +1,18 @@
 """A resumable sampler whose global batches do not depend on the number of ranks.
 
-The sample order is defined once for the whole run: epoch ``e`` is a permutation drawn from
-``(seed, e)``, cut into global batches of ``G = micro_batch * accumulation * world_size``
-samples (an epoch's incomplete tail is dropped). Global step ``b`` of the epoch is
-``order[b*G : (b+1)*G]``, split into ``G / micro_batch`` slices; micro-step ``m`` of rank ``r``
-takes slice ``k = m * world_size + r``. A run can therefore stop and resume at any global
-step, on any number of ranks with the same global batch, and see exactly the same samples,
-each with the same augmentation (its sample seed depends on ``(seed, epoch, index)`` only).
+The sample order is defined once for the whole run by a `GlobalOrder` (weighted mixing of the
+sources, a fresh order each epoch, computed on demand), cut into global batches of
+``G = micro_batch * accumulation * world_size`` positions (an epoch's incomplete tail is
+dropped). Global step ``b`` of the epoch is positions ``b*G .. (b+1)*G - 1``, split into
+``G / micro_batch`` slices; micro-step ``m`` of rank ``r`` takes slice ``k = m * world_size + r``.
+A run can therefore stop and resume at any global step, on any number of ranks with the same
+global batch, and see exactly the same samples, each with the same augmentation (its sample
+seed depends on ``(seed, epoch, position)`` only). Data-loader workers receive whole
+micro-batches, so the workers of a rank read disjoint samples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -23,20 +24,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import collate
+from tinyclip_ds.data.order import GlobalOrder, mix_seed
 
 SampleKey = tuple[int, int]
 """``(index, sample_seed)``: what a dataset's ``__getitem__`` receives."""
 
 
-def mix_seed(*parts: int | str) -> int:
-    """A well-mixed 63-bit seed from its parts (stable across processes and Python runs)."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample ``index``'s randomness (augmentation, caption choice) in ``epoch``."""
-    return mix_seed(seed, "sample", epoch, index)
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the randomness (augmentation, caption choice) of the sample at ``position``
+    of ``epoch``: an up-sampled source's repeats of one sample are augmented differently."""
+    return mix_seed(seed, "sample", epoch, position)
 
 
 class GlobalBatchSampler:
@@ -47,48 +44,40 @@ class GlobalBatchSampler:
     samples, or a non-finite loss) is tried again on the next micro-batches: step s micro-step m
     is position s·A + m only until the first skip."""
 
-    def __init__(self, num_samples: int, micro_batch: int, accumulation: int, world_size: int,
-                 rank: int, seed: int, start_position: int = 0) -> None:
+    def __init__(self, order: GlobalOrder, micro_batch: int, accumulation: int, world_size: int,
+                 rank: int, start_position: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.num_samples = num_samples
+        self.order = order
         self.micro_batch = micro_batch
         self.accumulation = accumulation
         self.world_size = world_size
         self.rank = rank
-        self.seed = seed
         self.start_position = start_position
         self.global_batch = micro_batch * accumulation * world_size
-        self.steps_per_epoch = num_samples // self.global_batch
+        self.steps_per_epoch = order.epoch_length // self.global_batch
         if self.steps_per_epoch == 0:
             raise RecipeError(
-                f"the training data has {num_samples} samples, fewer than one global batch of "
+                f"the training data has {order.epoch_length} samples per epoch, fewer than one global batch of "
                 f"{self.global_batch} (train.micro_batch {micro_batch} x accumulation {accumulation} "
                 f"x {world_size} ranks); add data or lower 'train.global_batch' / 'train.micro_batch'")
-        self._cached: tuple[int, list[int]] | None = None
 
     def epoch_of(self, step: int) -> int:
         """The epoch that global step ``step`` belongs to."""
         return step // self.steps_per_epoch
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The permutation of all sample indices used in ``epoch``."""
-        if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, "order", epoch))
-            self._cached = (epoch, torch.randperm(self.num_samples, generator=generator).tolist())
-        return self._cached[1]
-
     def global_batch_indices(self, step: int) -> list[int]:
         """All sample indices of global step ``step``, in slice order ``k`` (any rank, any world size)."""
         start = (step % self.steps_per_epoch) * self.global_batch
-        return self.epoch_order(self.epoch_of(step))[start:start + self.global_batch]
+        return self.order.indices(self.epoch_of(step), start, start + self.global_batch).tolist()
 
     def micro_batch_keys(self, step: int, micro_step: int) -> list[SampleKey]:
         """This rank's keys for micro-step ``micro_step`` of global step ``step``."""
         epoch = self.epoch_of(step)
         k = micro_step * self.world_size + self.rank
-        indices = self.global_batch_indices(step)[k * self.micro_batch:(k + 1) * self.micro_batch]
-        return [(i, sample_seed(self.seed, epoch, i)) for i in indices]
+        start = (step % self.steps_per_epoch) * self.global_batch + k * self.micro_batch
+        indices = self.order.indices(epoch, start, start + self.micro_batch).tolist()
+        return [(i, sample_seed(self.order.seed, epoch, start + j)) for j, i in enumerate(indices)]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         position = self.start_position

@@ -1,9 +1,10 @@
 """What a data spec string in a recipe means: image folders, caption files, paired files, demo data.
 
 Spec strings (``data.images``, ``data.captions``, ``data.pairs``, ``eval.data``,
-``eval.zeroshot``) are resolved here into plain in-memory indexes: lists of image entries
-(file paths, or PIL images for the demo) and captions. Every problem a user can cause while
-indexing is a `RecipeError` naming the recipe key (and the file and line where there is one).
+``eval.zeroshot``) are resolved here into in-memory indexes: image entries (file paths packed
+in a `PathTable`, or PIL images for the demo) and captions (a `CaptionTable`). Every problem a
+user can cause while indexing is a `RecipeError` naming the recipe key (and the file and line
+where there is one).
 
 Image folders hold images by extension (`IMAGE_EXTENSIONS`, any case); other files (such as
 img2dataset's ``.txt``/``.json`` sidecars) are left out and counted in ``ImageSource.ignored``.
@@ -21,15 +22,18 @@ from __future__ import annotations
 
 import bisect
 import csv
+import io
 import json
 import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tinyclip_ds.config import RecipeError
@@ -50,6 +54,9 @@ SKIP_REASONS = {
     "not_an_image": "the content is not an image format Pillow knows",
     "truncated": "the image format is recognised but its data is cut short or damaged",
     "too_large": "more pixels than Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS)",
+    "missing_shard": "the tar shard holding the sample was deleted or moved after it was indexed",
+    "no_image_member": "the tar shard sample has no image member (a caption-only sample)",
+    "no_image": "the sample has no image (an empty dataset cell or image path)",
 }
 """Why an image entry cannot be used: the reasons `load_image` returns."""
 
@@ -92,23 +99,138 @@ def _decode(path: Path) -> Image.Image | tuple[str, str]:
     except OSError as error:
         return "unreadable", str(error)
     with file:  # closed however decoding ends
-        try:
-            image = Image.open(file)
-            image.load()  # decode now, so truncated or corrupt files fail here and not in a transform
-            return image
-        except Image.DecompressionBombError as error:
-            return "too_large", str(error)
-        except UnidentifiedImageError:
-            return "not_an_image", ""
-        except Exception as error:  # noqa: BLE001 - decoders of damaged data raise OSError, SyntaxError, ValueError, ...
-            return "truncated", f"{type(error).__name__}: {error}"
+        return decode_image_file(file)
+
+
+def decode_image_bytes(data: bytes) -> Image.Image | tuple[str, str]:
+    """An image held in memory (a tar member, a dataset cell), decoded, or ``(reason, detail)``."""
+    if not data:
+        return "zero_byte", ""
+    return decode_image_file(io.BytesIO(data))
+
+
+def decode_image_file(file: BinaryIO) -> Image.Image | tuple[str, str]:
+    """The image in an open binary file, decoded now (so that truncated or corrupt data fails
+    here and not in a transform), or ``(reason, detail)`` with a reason of `SKIP_REASONS`."""
+    try:
+        image = Image.open(file)
+        image.load()
+        return image
+    except Image.DecompressionBombError as error:
+        return "too_large", str(error)
+    except UnidentifiedImageError:
+        return "not_an_image", ""
+    except Exception as error:  # noqa: BLE001 - decoders of damaged data raise OSError, SyntaxError, ValueError, ...
+        return "truncated", f"{type(error).__name__}: {error}"
+
+
+CAPTION_SKIP_REASONS = {
+    "missing_caption": "the sample has no caption (no .txt member, no caption column value)",
+    "empty_caption": "the caption is empty or only white space",
+    "long_caption": "the caption is longer than data.max_caption_chars (scraped page text, not a caption)",
+    "bad_json": "the sample's .json member is not a JSON object with a text \"caption\"",
+    "not_utf8": "the caption is not UTF-8 text",
+    "missing_shard": "the tar shard holding the sample was deleted or moved after it was indexed",
+    "unreadable": "the operating system refused to read the shard (I/O error), or it shrank after indexing",
+}
+"""Why a caption cannot be used: the reasons `caption_problem` and the shard reader return."""
+
+
+def caption_problem(text: str | None, max_chars: int) -> str | None:
+    """Why ``text`` cannot be used as a caption (a key of `CAPTION_SKIP_REASONS`), or None."""
+    if text is None:
+        return "missing_caption"
+    stripped = text.strip()
+    if not stripped:
+        return "empty_caption"
+    if len(stripped) > max_chars:
+        return "long_caption"
+    return None
+
+
+class _Packed(Sequence):
+    """List-like indexing (slices, negative indices) and equality for the packed tables below."""
+
+    __hash__ = None
+
+    def _item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        return self._item(index)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+
+class TextTable(_Packed):
+    """Strings packed into one byte array plus their offsets (8 bytes each).
+
+    A list of a million paths or captions costs a Python object each (~50 bytes of overhead
+    plus the text, and a `Path` several objects); worse, loader workers forked from the rank
+    copy those pages as they read them, since reading a Python object writes its reference
+    count. Two numpy arrays are shared by the workers as they are. Texts are encoded as the
+    file system encodes names (UTF-8, undecodable bytes kept), so any path round-trips."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        encoded = [os.fsencode(text) for text in texts]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def _item(self, index: int) -> str:
+        return os.fsdecode(self._bytes[self._offsets[index]:self._offsets[index + 1]].tobytes())
+
+    @property
+    def nbytes(self) -> int:
+        return self._offsets.nbytes + self._bytes.nbytes
+
+
+class PathTable(_Packed):
+    """Paths held as a `TextTable` (see there for why)."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+        self.texts = TextTable(os.fspath(path) for path in paths)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def _item(self, index: int) -> Path:
+        return Path(self.texts[index])
+
+
+class CaptionTable(_Packed):
+    """The captions of each image (``table[i]`` is image i's list) as one `TextTable`."""
+
+    def __init__(self, per_image: Iterable[Sequence[str]]) -> None:
+        per_image = list(per_image)
+        self.starts = np.zeros(len(per_image) + 1, dtype=np.int64)
+        np.cumsum([len(captions) for captions in per_image], out=self.starts[1:])
+        self.texts = TextTable(caption for captions in per_image for caption in captions)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def _item(self, index: int) -> list[str]:
+        return self.texts[int(self.starts[index]):int(self.starts[index + 1])]
 
 
 @dataclass
 class ImageSource:
     """An indexable list of images, made of the parts of one or more specs."""
 
-    entries: list[ImageEntry] = field(default_factory=list)
+    entries: Sequence[ImageEntry] = field(default_factory=list)
     specs: list[str] = field(default_factory=list, kw_only=True)  # the spec of each part, in order
     starts: list[int] = field(default_factory=list, kw_only=True)  # the index of each part's first entry
     ignored: Counter[str] = field(default_factory=Counter, kw_only=True)
@@ -117,11 +239,12 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, spec: str, entries: list[ImageEntry]) -> None:
-        """Append the entries of ``spec`` as a new part."""
+    def add(self, spec: str, entries: Sequence[ImageEntry]) -> None:
+        """Append the entries of ``spec`` as a new part (the first part is kept as given, so a
+        one-spec source keeps its compact `PathTable`)."""
         self.starts.append(len(self.entries))
         self.specs.append(spec)
-        self.entries += entries
+        self.entries = entries if not self.entries else [*self.entries, *entries]
 
     def source_of(self, index: int) -> str:
         """The spec entry ``index`` came from ('' for entries given without one)."""
@@ -131,6 +254,11 @@ class ImageSource:
     def load(self, index: int) -> Image.Image | str:
         """Image ``index``, or the reason it cannot be used (see `load_image`; never raises for one)."""
         return load_image(self.entries[index])
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Entries left out while indexing, per reason (none: folders list only image files)."""
+        return Counter()
 
     def summary(self) -> str:
         """One line for the run's log: how many images, and which files were left out."""
@@ -146,9 +274,18 @@ class ImageSource:
 class PairSource(ImageSource):
     """Images with all their captions: ``captions[i]`` are the captions of image ``i``."""
 
-    captions: list[list[str]] = field(default_factory=list)
+    captions: Sequence[list[str]] = field(default_factory=list)
     bad_rows: dict[str, list[int]] = field(default_factory=dict)
     """Malformed .csv/.tsv rows left out: the first line of each, per file."""
+
+    def captions_of(self, index: int) -> list[str]:
+        """All captions of image ``index``."""
+        return self.captions[index]
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Rows left out while indexing, per reason."""
+        return Counter({"malformed_row": sum(map(len, self.bad_rows.values()))} if self.bad_rows else {})
 
     def summary(self) -> str:
         """One line for the run's log: images, captions and the rows left out."""
@@ -175,9 +312,10 @@ def image_source(specs: str | Sequence[str], key: str = "data.images") -> ImageS
             path = _existing_path(spec, spec_key, _IMAGE_SPECS)
             if not path.is_dir():
                 raise RecipeError(f"'{spec_key}': {path} is a file; image sources are {_IMAGE_SPECS}")
-            entries, ignored = _images_below(path)
-            _require_images(entries, ignored, spec, spec_key)
+            files, ignored = _images_below(path)
+            _require_images(files, ignored, spec, spec_key)
             source.ignored += ignored
+            entries = PathTable(files)
         source.add(spec, entries)
     return source
 
@@ -221,7 +359,7 @@ def pair_source(specs: str | Sequence[str], image_root: str = "", csv_image_key:
     for spec, spec_key in _each_spec(specs, key):
         part = _pairs(spec, spec_key, image_root, csv_image_key, csv_caption_key, split="train")
         source.add(spec, part.entries)
-        source.captions += part.captions
+        source.captions = part.captions if not source.captions else [*source.captions, *part.captions]
         source.bad_rows.update(part.bad_rows)
     return source
 
@@ -320,8 +458,8 @@ def _pairs(spec: str, key: str, image_root: str, csv_image_key: str, csv_caption
         grouped.setdefault(image, []).append(caption)
     _require_some(grouped, spec, key, "image-caption pairs")
     root = Path(image_root).expanduser() if image_root else _own_image_root(path)
-    source.add(spec, [root / image for image in grouped])
-    source.captions = list(grouped.values())
+    source.add(spec, PathTable(os.path.join(root, image) for image in grouped))
+    source.captions = CaptionTable(grouped.values())
     return source
 
 

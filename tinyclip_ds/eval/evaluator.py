@@ -28,7 +28,8 @@ from torch import Tensor
 from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError, option
 from tinyclip_ds.data.config import DataConfig
-from tinyclip_ds.data.sources import ImageSource, classification_source, eval_pairs, text_lines
+from tinyclip_ds.data.mixture import retrieval_pairs
+from tinyclip_ds.data.sources import ImageSource, classification_source, text_lines
 from tinyclip_ds.data.transforms import eval_transform
 from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
@@ -44,8 +45,9 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the
 @dataclass
 class EvalConfig:
     every: int = option(500, "evaluate every this many optimizer steps (and always at the end); 0 = end only")
-    data: str = option("", "paired validation set for retrieval: .csv/.tsv, COCO .json or "
-                           "demo:digits / demo:digit_pairs; '' = no retrieval eval")
+    data: str = option("", "paired validation set for retrieval: .csv/.tsv, COCO .json, webdataset "
+                           "shards, a Hugging Face dataset, or demo:digits / demo:digit_pairs; '' = no "
+                           "retrieval eval")
     image_root: str = option("", "folder that relative image paths in eval.data are resolved against; "
                                  "'' = the file's own folder, or <root>/<split>/ for a COCO file at "
                                  "<root>/annotations/captions_<split>.json")
@@ -83,8 +85,7 @@ class Evaluator:
         self.transform = eval_transform(image_size, mean, std)
         self.retrieval = None
         if cfg.data:
-            self.retrieval = eval_pairs(cfg.data, cfg.image_root, data.csv_image_key,
-                                        data.csv_caption_key, key="eval.data")
+            self.retrieval = retrieval_pairs(cfg.data, cfg.image_root, data, key="eval.data")
             check_images(self.retrieval[0], "eval.data")
         self.zeroshot = None
         self.templates: list[str] = []
@@ -211,7 +212,8 @@ def check_images(source: ImageSource, key: str) -> None:
 def unusable_image(source: ImageSource, index: int, reason, key: str) -> RecipeError:
     """The error for evaluation image ``index``, which `ImageSource.load` could not decode."""
     why = f" ({reason})" if isinstance(reason, str) else ""
-    return RecipeError(f"'{key}': evaluation image {source.entries[index]} cannot be used{why}; evaluation "
+    where = source.describe(index) if hasattr(source, "describe") else source.entries[index]
+    return RecipeError(f"'{key}': evaluation image {where} cannot be used{why}; evaluation "
                        f"sets must be complete: fix or remove it")
 
 

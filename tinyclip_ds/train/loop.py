@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 from tinyclip_ds import distributed
+from tinyclip_ds.config import RecipeError
+from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, TrainBatches, train_loader
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train import checkpoint
@@ -53,6 +55,8 @@ class TrainState:
     skipped_steps: int = 0  # steps not applied because of a non-finite loss
     nonfinite_in_a_row: int = 0  # such steps since the last applied one
     unusable_in_a_row: int = 0  # steps in a row without enough usable samples
+    data_sizes: list[int] = field(default_factory=list)  # samples of each training source: what the position counts in
+    data_weights: list[float] = field(default_factory=list)  # their data.weights ([] = by size)
 
     def to_dict(self) -> dict:
         """The state as plain data (the checkpoint's client state)."""
@@ -155,13 +159,23 @@ class Trainer:
         return state
 
     def batches(self, dataset) -> TrainBatches:
-        """This rank's endless micro-batches of ``dataset``, continuing from the data position
-        (samples consumed over all ranks, so it holds for any world size with the same global batch)."""
-        run = self.run
+        """This rank's endless micro-batches of ``dataset`` (its ``source`` a `Mixture`) in the
+        global order, continuing from the data position (samples consumed over all ranks, so it
+        holds for any world size with the same global batch)."""
+        run, state = self.run, self.state
+        sizes, weights = list(dataset.source.sizes), list(self.recipe.data.weights)
+        if state.data_sizes and (state.data_sizes, state.data_weights) != (sizes, weights):
+            raise RecipeError(
+                f"the training data changed since the checkpoint: its sources held {state.data_sizes} samples "
+                f"with data.weights {state.data_weights or '[]'}, now {sizes} with {weights or '[]'}; the data "
+                f"position would point at other samples. Resume with the same data, or start a new run "
+                f"initialised from this one's weights (student.*.init_from)")
+        state.data_sizes, state.data_weights = sizes, weights
+        order = GlobalOrder(sizes, self.recipe.seed, weights or None)
         sampler = GlobalBatchSampler(
-            len(dataset), self.micro, self.accumulation, run.world, run.rank, self.recipe.seed,
-            start_position=math.ceil(self.state.samples_consumed / (self.micro * run.world)))
-        run.monitor.print(f"{len(dataset)} training samples; global batch {self.global_batch} = micro "
+            order, self.micro, self.accumulation, run.world, run.rank,
+            start_position=math.ceil(state.samples_consumed / (self.micro * run.world)))
+        run.monitor.print(f"training order: {order.describe()}; global batch {self.global_batch} = micro "
                           f"{self.micro} × accumulation {self.accumulation} × {run.world} rank(s)")
         return train_loader(dataset, sampler, self.recipe.data.num_workers, run.samples.track)
 

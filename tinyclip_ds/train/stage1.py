@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 
 from tinyclip_ds import distributed
 from tinyclip_ds.data.datasets import ImageDataset, TextDataset
-from tinyclip_ds.data.sampler import mix_seed
-from tinyclip_ds.data.sources import caption_source, image_source
+from tinyclip_ds.data.mixture import training_mixture
+from tinyclip_ds.data.order import mix_seed
 from tinyclip_ds.distill.objectives import Stage1Objective
 from tinyclip_ds.distill.terms import TERMS
 from tinyclip_ds.models.students import build_students
@@ -71,8 +71,9 @@ class Stage1Task:
         """The recipe's images (with the training augmentation) or captions (tokenized)."""
         run, data = self.run, self.run.recipe.data
         if self.kind == "text":
-            return TextDataset(caption_source(data.captions), run.teacher.tokenizer)
-        dataset = ImageDataset(image_source(data.images), run.image_train_transform())
+            dataset = TextDataset(training_mixture("captions", data), run.teacher.tokenizer)
+        else:
+            dataset = ImageDataset(training_mixture("images", data), run.image_train_transform())
         run.monitor.print(f"training data: {dataset.source.summary()}")
         return dataset
 

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import PairDataset
-from tinyclip_ds.data.sampler import mix_seed
-from tinyclip_ds.data.sources import pair_source
+from tinyclip_ds.data.mixture import training_mixture
+from tinyclip_ds.data.order import mix_seed
 from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective, active_terms
 from tinyclip_ds.models.students import describe_differences, build_students, shape_differences
 from tinyclip_ds.models.transformer import Request
@@ -146,8 +146,7 @@ class Stage2Task:
     def dataset(self) -> Dataset:
         """The recipe's image–caption pairs, with the training augmentation, tokenized."""
         run, data = self.run, self.run.recipe.data
-        dataset = PairDataset(pair_source(data.pairs, data.image_root, data.csv_image_key, data.csv_caption_key),
-                              run.image_train_transform(), run.teacher.tokenizer)
+        dataset = PairDataset(training_mixture("pairs", data), run.image_train_transform(), run.teacher.tokenizer)
         run.monitor.print(f"training data: {dataset.source.summary()}")
         return dataset
 
