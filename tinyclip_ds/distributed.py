@@ -162,6 +162,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shutdown() -> None:
+    """Collective, after this rank's last collective: wait for every rank, then destroy the
+    process group while Python is still whole. A rank that exits with its gloo group alive can
+    abort during interpreter finalisation, because gloo's worker threads still hold work objects
+    (pytorch/pytorch#190489): SIGABRT ("terminate called without an active exception") in place
+    of its exit status, as a two-rank test worker of this project once did."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def shared_memory_segment(rank: int) -> Path:
     """The /dev/shm segment DeepSpeed's CPU backend creates for this rank when every rank runs on
     one machine (its shared-memory all-reduce; named as in deepspeed/ops/csrc/cpu/comm/shm.cpp)."""

@@ -339,7 +339,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"results: {out}")
         if args.plots and evaluator.retrieval:
             print(f"retrieval grids: {Path(args.plots) / 'retrieval_<model>.png'} ({', '.join(results)})")
-    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 

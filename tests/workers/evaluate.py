@@ -9,7 +9,7 @@ import json
 import torch
 
 from tinyclip_ds.data.config import DataConfig
-from tinyclip_ds.distributed import init_distributed
+from tinyclip_ds.distributed import init_distributed, shutdown
 from tinyclip_ds.eval.evaluator import EvalConfig, Evaluator
 from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
 
@@ -33,6 +33,7 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
+    shutdown()
 
 
 if __name__ == "__main__":

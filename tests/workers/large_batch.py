@@ -18,7 +18,7 @@ from tinyclip_ds.distill.objectives import LossConfig, Stage2Objective
 from tinyclip_ds.models.teachers import Teacher
 from tinyclip_ds.models.transformer import Clip, TextTower, TowerShape, VisionTower
 from tinyclip_ds.train.deepspeed_config import build_ds_config
-from tinyclip_ds.distributed import init_distributed
+from tinyclip_ds.distributed import init_distributed, shutdown
 from tinyclip_ds.train.contrastive import Features, contrastive_step, direct_step
 from tinyclip_ds.train.engine import build_engine
 from tinyclip_ds.train.optim import TrainConfig
@@ -117,6 +117,7 @@ def main() -> None:
         results[name] = {"grads": grads, "params": params, "loss": loss.item() / world}
     if rank == 0:
         torch.save(results, args.out)
+    shutdown()
 
 
 def teacher_features(teacher: Teacher, batch: dict):

@@ -41,7 +41,9 @@ TASKS = {"stage1_image": Stage1Task, "stage1_text": Stage1Task, "stage2": Stage2
 def train(recipe: Recipe, resume: str | None = None) -> int:
     """Run the recipe's stage on this rank; returns the process exit code."""
     run = prepare(recipe, resume)
-    return Trainer(run, TASKS[recipe.stage](run)).fit()
+    code = Trainer(run, TASKS[recipe.stage](run)).fit()
+    distributed.shutdown()  # only after a normal end: ranks that failed may be inside a collective
+    return code
 
 
 @dataclass
