@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data import hf_layout, shards, sources
+from tinyclip_ds.data import hf_layout, order, shards, sources
 from tinyclip_ds.data.config import DataConfig
 
 NEEDS = {"images": ("image",), "captions": ("text",), "pairs": ("image", "text")}
@@ -195,10 +195,4 @@ def retrieval_pairs(spec: str, image_root: str, data: DataConfig, key: str = "ev
 def check_weights(data: DataConfig, kind: str) -> None:
     """``data.weights`` is empty or has one positive weight per source of ``data.<kind>``."""
     specs = getattr(data, kind)
-    if data.weights and len(data.weights) != len(specs):
-        raise RecipeError(f"'data.weights' has {len(data.weights)} weights for the {len(specs)} sources of "
-                          f"'data.{kind}'; give one weight per source, in the same order (or [] to sample "
-                          f"in proportion to their sizes)")
-    if any(not w > 0 for w in data.weights):
-        raise RecipeError(f"'data.weights' must be positive numbers (got {data.weights}); leave a source "
-                          f"out of 'data.{kind}' instead of giving it weight 0")
+    order.check_weights(data.weights, len(specs), f"the {len(specs)} sources of 'data.{kind}'")

@@ -85,6 +85,17 @@ class Permutation:
         return values.astype(np.int64)
 
 
+def check_weights(weights: Sequence[float], count: int, sources: str, key: str = "data.weights") -> None:
+    """``weights`` is empty or one positive, finite weight for each of ``count`` sources (named
+    ``sources`` in the message), else a `RecipeError`."""
+    if weights and len(weights) != count:
+        raise RecipeError(f"'{key}' has {len(weights)} weights for {sources}; give one weight per source, "
+                          f"in the order the sources are listed (or [] to show every sample once per epoch)")
+    if any(not (math.isfinite(w) and w > 0) for w in weights):
+        raise RecipeError(f"'{key}' must be positive numbers (got {list(weights)}); leave a source out of "
+                          f"the list instead of giving it weight 0")
+
+
 def quotas(sizes: Sequence[int], weights: Sequence[float] | None) -> list[int]:
     """Each source's positions per epoch: its size without weights, else ``T * w_s / sum(w)``
     with ``T = sum(sizes)``, rounded by largest remainder (ties to the earlier source)."""
@@ -110,13 +121,7 @@ class GlobalOrder:
             raise ValueError(f"every source needs at least one sample (sizes {sizes})")
         if weights is not None:
             weights = [float(w) for w in weights]
-            if len(weights) != len(sizes):
-                raise RecipeError(f"'{key}' has {len(weights)} weights for {len(sizes)} sources; give one "
-                                  f"weight per source, in the order the sources are listed (or [] for "
-                                  f"sampling in proportion to their sizes)")
-            if any(not math.isfinite(w) or w <= 0 for w in weights):
-                raise RecipeError(f"'{key}': weights must be positive numbers (got {weights}); leave a "
-                                  f"source out of the list instead of giving it weight 0")
+            check_weights(weights, len(sizes), f"{len(sizes)} sources", key)
         self.sizes = sizes
         self.weights = weights
         self.seed = seed
