@@ -3,11 +3,13 @@
 For each tower: the median time of open_clip's ``encode_image`` / ``encode_text``, of our tower
 with nothing requested, and of our tower with every intermediate requested (all layers:
 hidden states, attention scores and probabilities, q/k/v, embeddings, projected tokens).
-Target: ours / open_clip ≤ 1.10 with nothing requested.
+Target: ours / open_clip ≤ 1.10 with nothing requested. The last column is our tower as training
+runs it: text cut after the batch's longest caption (``--caption`` sets every row's text).
 
     python bench/forward_speed.py --batch 8 --threads 2 --repeats 10
     python bench/forward_speed.py --config /tmp/vs/configs/bench-teacher.json --batch 64
-        # any open_clip model-config JSON instead (here bench/vs_open_clip.py's teacher)
+        # any open_clip model-config JSON instead (here bench/vs_open_clip.py's teacher), with
+        # --caption "a red stripe number 1000 on a plain background" (one of its longest captions)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--caption", default="a photo of a cat", help="the text of every row of a text batch")
     parser.add_argument("--config", action="append", default=[],
                         help="an open_clip model-config JSON to time (both towers) instead of the ViT-Bs")
     args = parser.parse_args()
@@ -64,7 +67,7 @@ def main() -> None:
           f"{args.threads} threads, batch {args.batch}, median of {args.repeats} after "
           f"{args.warmup} warm-up")
     header = (f"{'model':<20} {'tower':<6} {'open_clip ms':>12} {'ours ms':>9} "
-              f"{'ours+all ms':>12} {'ratio':>6} {'ratio+all':>9}")
+              f"{'ours+all ms':>12} {'ratio':>6} {'ratio+all':>9} {'as trained ms':>13}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +83,7 @@ def main() -> None:
                     inputs = torch.randn(args.batch, 3, size, size)
                     reference = library.encode_image
                 else:
-                    inputs = open_clip.tokenize(["a photo of a cat"] * args.batch, clip.text.shape.context_length)
+                    inputs = open_clip.tokenize([args.caption] * args.batch, clip.text.shape.context_length)
                     reference = library.encode_text
                 everything = Request(layers=tuple(range(ours.transformer.depth)), hidden=True,
                                      attention=True, qkv=True, embeddings=True, tokens=True)
@@ -89,11 +92,13 @@ def main() -> None:
                         "open_clip": lambda: reference(inputs),
                         "ours": lambda: ours(inputs),
                         "all": lambda: ours(inputs, everything),
+                        # training's text: cut after the longest caption (TextTower.trim_padding)
+                        "trained": lambda: ours(ours.trim_padding(inputs) if tower == "text" else inputs),
                     }, args.warmup, args.repeats)
                 ms = {key: 1e3 * value for key, value in times.items()}
                 print(f"{name:<20} {tower:<6} {ms['open_clip']:>12.1f} {ms['ours']:>9.1f} "
                       f"{ms['all']:>12.1f} {ms['ours'] / ms['open_clip']:>6.2f} "
-                      f"{ms['all'] / ms['open_clip']:>9.2f}")
+                      f"{ms['all'] / ms['open_clip']:>9.2f} {ms['trained']:>13.1f}")
 
 
 if __name__ == "__main__":

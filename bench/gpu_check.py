@@ -41,7 +41,8 @@ What is measured, per stage (``stage`` writes ``DIR/<stage>.json``; ``report`` p
   the math kernel so it is counted) on real forwards of the run's own modules after training:
   the frozen teacher's forward as the stage calls it, and the forward of what DeepSpeed trains
   (stage 1: the student tower *and* the objective's learned parts — projections, ViTKD
-  generator, relation products; stage 2: both student towers). A training sample costs
+  generator, relation products; stage 2: both student towers, text at the length training runs
+  the micro-batch at, up to its longest caption, reported as ``text_tokens``). A training sample costs
   ``teacher + 3 × student`` (backward ≈ 2 × forward). ``hfu`` also counts the work the method
   repeats: stage 2's feature cache runs the student forward once more (``teacher + 4 ×
   student``). Stage 2's batch-level loss (the 4,096² similarity products, ~0.2 % of a step)
@@ -276,9 +277,10 @@ def count(fn) -> int:
     return counter.get_total_flops()
 
 
-def sample_flops(task, stage: str, example: dict, rows: int = 2) -> tuple[float, float]:
+def sample_flops(task, stage: str, example: dict, rows: int = 2) -> tuple[float, float, int | None]:
     """(teacher, student) forward FLOPs per sample of the stage's own modules, on ``rows`` rows of
-    a real micro-batch (two: in-batch terms need a pair)."""
+    a real micro-batch (two: in-batch terms need a pair), and the text length they were counted
+    at: the whole micro-batch's (training cuts the padding after its longest caption)."""
     import torch
 
     batch = {key: value[:rows] if isinstance(value, torch.Tensor) else value for key, value in example.items()}
@@ -290,14 +292,16 @@ def sample_flops(task, stage: str, example: dict, rows: int = 2) -> tuple[float,
         with torch.no_grad():
             targets = task.teacher_forward(inputs, request)
         student = count(lambda: module(inputs, targets, 0))
+        text_tokens = None
     else:
-        images, ids = task.inputs(batch)
+        images, ids = (x[:rows] for x in task.inputs(example))
         teacher = count(lambda: (task.teacher_features(images, ids), task.teacher_intermediates(images, ids)))
         with torch.no_grad():
             intermediates = task.teacher_intermediates(images, ids)
         student = count(lambda: module(images, ids, intermediates, 0))
+        text_tokens = ids.shape[1]
     n = len(batch["index"])
-    return teacher / n, student / n
+    return teacher / n, student / n, text_tokens
 
 
 def peak_bf16_flops(name: str) -> float | None:
@@ -338,7 +342,7 @@ def run_stage(stage: str, out: Path, overrides: list[str]) -> dict:
     on_gpu = run.device.type == "cuda"
     peak_memory = torch.cuda.max_memory_allocated(run.device) / 2**30 if on_gpu else None
     samples_per_s, compute_per_s, measured = meter.throughput(warmup)
-    teacher, student = sample_flops(task, stage, meter.example)
+    teacher, student, text_tokens = sample_flops(task, stage, meter.example)
     micro, accumulation, global_batch = batch_sizes(recipe.train, run.world)
     model = teacher + 3 * student
     hardware = model + (student if stage == "stage2" and accumulation > 1 else 0)  # the cache pass
@@ -354,6 +358,7 @@ def run_stage(stage: str, out: Path, overrides: list[str]) -> dict:
         "peak_gpu_memory_gib": peak_memory,
         "teacher_gflops_per_sample": teacher / 1e9, "student_gflops_per_sample": student / 1e9,
         "model_gflops_per_sample": model / 1e9, "hardware_gflops_per_sample": hardware / 1e9,
+        "text_tokens": text_tokens,
         "model_tflops_per_s": model * samples_per_s / 1e12,
         "peak_tflops": peak / 1e12 if peak else None,
         "mfu": model * samples_per_s / peak if peak else None,

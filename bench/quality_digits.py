@@ -39,7 +39,7 @@ STAGE1 = ("stage1_image", "stage1_text")
 NO_INIT_FROM = ["student.image.init_from=", "student.text.init_from="]
 # Idle-machine wall times of the demo runs at full steps (README, 2-core CPU) and the part of
 # each that does not scale with the steps (start-up, teacher, final evaluation): for the estimate.
-DEMO_SECONDS = {"stage1_image": 87.0, "stage1_text": 28.0, "stage2": 68.0}
+DEMO_SECONDS = {"stage1_image": 63.0, "stage1_text": 23.0, "stage2": 50.0}
 FIXED_SECONDS = 10.0
 
 

@@ -22,7 +22,7 @@ from tinyclip_ds.distributed import init_distributed, shutdown
 from tinyclip_ds.train.contrastive import Features, contrastive_step, direct_step
 from tinyclip_ds.train.engine import build_engine
 from tinyclip_ds.train.optim import TrainConfig
-from tinyclip_ds.train.stage2 import LogitScale, Stage2Student
+from tinyclip_ds.train.stage2 import LogitScale, Stage2Student, tower_ids
 from tinyclip_ds.train.task import StepResult
 
 SAMPLES, VOCAB, CONTEXT = 32, 50, 12
@@ -100,11 +100,14 @@ def main() -> None:
             original_step()
 
         engine.step = step_and_record
+        # As Stage2Task.inputs gives them: each micro-batch cut after its own longest text.
+        batches = [{**batch, "text": tower_ids(batch["text"], teacher.clip.text, objective)}
+                   for batch in micro_batches]
         features = [teacher_features(teacher, batch) if objective.needs_teacher else None
-                    for batch in micro_batches]
+                    for batch in batches]
 
         def forward(m: int, cache: bool):
-            batch = micro_batches[m]
+            batch = batches[m]
             return (engine.module if cache else engine)(batch["image"], batch["text"])
 
         if args.mode == "plain":

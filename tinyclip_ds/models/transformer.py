@@ -286,6 +286,19 @@ class TextTower(nn.Module):
         cut[too_long, -1] = ids[too_long, eot[too_long]]
         return cut
 
+    def trim_padding(self, ids: Tensor) -> Tensor:
+        """``ids`` without the columns after the batch's last end-of-text token.
+
+        The tower is causal: what it returns at a position depends on no later one, and every
+        output it defines lies at or before a sequence's EOT (the pooled embedding, and per-token
+        outputs under ``token_mask`` / ``attn_mask``). So all of them are unchanged, for a
+        forward that costs what the batch's longest text needs instead of the whole context
+        (COCO and CC3M captions average about ten words; CLIP pads to 77 tokens). Call it on
+        ids still on the CPU: the length it reads would otherwise wait for the device."""
+        if ids.numel() == 0:
+            return ids
+        return ids[:, :int(self.eot_positions(ids).max()) + 1]
+
     def forward(self, ids: Tensor, request: Request = Request()) -> TowerOutput:
         n = ids.shape[1]
         if n > self.shape.context_length:

@@ -48,10 +48,9 @@ def engine_step(engine) -> OptimizerStep | None:
         return None
     measured = None
     if not hasattr(engine.optimizer, "_global_grad_norm") and not engine.fp16_enabled():  # fp16 grads carry the loss scale
-        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in engine.module.parameters()
-                 if p.grad is not None]
-        if norms:
-            measured = torch.linalg.vector_norm(torch.stack(norms)).item()
+        grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+        if grads:
+            measured = torch.nn.utils.get_total_norm(grads).item()
         if measured is not None and not torch.isfinite(torch.tensor(measured)):
             _skip_plain_optimizer_step(engine)
             return OptimizerStep(applied=False, grad_norm=None)

@@ -65,8 +65,13 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def build_optimizer(module: nn.Module, train: TrainConfig):
-    """A torch AdamW and its LambdaLR schedule; DeepSpeed wraps both and checkpoints their state."""
+    """A torch AdamW and its LambdaLR schedule; DeepSpeed wraps both and checkpoints their state.
+
+    Fused: one kernel over all parameters (CPU and GPU), where the default loops over them in
+    Python — several times faster on the CPU for a CLIP student (bench/optimizer_step.py), and
+    the kernel torch recommends on GPUs. DeepSpeed hands it its fp32 master weights (or flat ZeRO partitions),
+    which the fused kernel takes."""
     optimizer = torch.optim.AdamW(parameter_groups(module, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), eps=train.eps)
+                                  betas=(train.beta1, train.beta2), eps=train.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     return optimizer, schedule

@@ -88,7 +88,10 @@ class Stage1Task:
         total = torch.zeros((), device=run.device)
         sums: dict[str, Tensor] = {}
         for batch in micro_batches:
-            inputs = batch[self.kind].to(run.device)
+            inputs = batch[self.kind]
+            if self.kind == "text":
+                inputs = run.teacher.clip.text.trim_padding(inputs)  # nothing the terms read changes
+            inputs = inputs.to(run.device)
             teacher_out = self.teacher_forward(inputs, self.objective.teacher_request)
             seed = mix_seed(run.recipe.seed, "vit_kd", batch["position"], distributed.rank())
             loss, terms = engine(inputs, teacher_out, seed)

@@ -78,6 +78,15 @@ class Stage2Student(nn.Module):
         return features, self.logit_scale(), local, terms
 
 
+def tower_ids(ids: Tensor, teacher_text: nn.Module, objective: Stage2Objective) -> Tensor:
+    """A micro-batch's token ids (on the CPU) as both text towers get them: without the padding
+    after its longest text (`TextTower.trim_padding`), unless a token-wise term is on — those
+    gather token features over micro-batches and ranks, which takes one length everywhere."""
+    if objective.teacher_tokens or objective.student_tokens:
+        return ids
+    return teacher_text.trim_padding(ids)
+
+
 def initialise_from_stage1(tower: nn.Module, kind: str, cfg, monitor) -> None:
     """Load a tower from a stage-1 run directory or checkpoint (``student.<kind>.init_from``)."""
     key = f"student.{kind}.init_from"
@@ -182,7 +191,8 @@ class Stage2Task:
             size = self.run.teacher.image_size
             return (torch.zeros(0, 3, size, size, device=device),
                     torch.zeros(0, 1, dtype=torch.long, device=device))
-        return batch["image"].to(device), batch["text"].to(device)
+        ids = tower_ids(batch["text"], self.run.teacher.clip.text, self.objective)
+        return batch["image"].to(device), ids.to(device)
 
     def teacher_features(self, images: Tensor, ids: Tensor) -> Features | None:
         """The teacher's features for the batch-coupled terms (None when no term needs them)."""
