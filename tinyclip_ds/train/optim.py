@@ -69,8 +69,8 @@ def build_optimizer(module: nn.Module, train: TrainConfig):
 
     Fused: one kernel over all parameters (CPU and GPU), where the default loops over them in
     Python — several times faster on the CPU for a CLIP student (bench/optimizer_step.py), and
-    the kernel torch recommends on GPUs. DeepSpeed hands it its fp32 master weights (or flat ZeRO partitions),
-    which the fused kernel takes."""
+    the kernel torch recommends on GPUs. DeepSpeed hands it the module's parameters, its fp32
+    masters under bf16/fp16, or flat ZeRO partitions; the fused kernel takes each of them."""
     optimizer = torch.optim.AdamW(parameter_groups(module, train.weight_decay), lr=train.lr,
                                   betas=(train.beta1, train.beta2), eps=train.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
