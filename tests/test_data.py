@@ -542,3 +542,5 @@ def test_paths_and_captions_are_packed_in_a_fraction_of_the_memory_of_lists():
     captions = CaptionTable([["a dog", "a dog on grass"], [], ["café ☕"]])
     assert len(captions) == 3 and captions == [["a dog", "a dog on grass"], [], ["café ☕"]]
     assert captions[-1] == ["café ☕"]
+    # a lone surrogate (a JSON "\ud800" escape) cannot be encoded: it becomes "?", the rest is kept
+    assert CaptionTable([["a\ud800b", "ok"]]) == [["a?b", "ok"]]

@@ -156,6 +156,26 @@ def test_dataset_dict_splits(tmp_path):
         HFSource(str(tmp_path / "dict"), split="test")
 
 
+def test_evaluation_never_reads_the_training_split(tmp_path):
+    """eval.data of several splits takes eval.split ('' = refused, naming it), not data.split;
+    a dataset of one split needs none."""
+    from tinyclip_ds.data.config import DataConfig
+    from tinyclip_ds.data.mixture import retrieval_pairs
+
+    train = image_dataset([png(0), png(1)], ["train 0", "train 1"])
+    validation = image_dataset([png(7)], ["validation 0"])
+    datasets.DatasetDict({"train": train, "validation": validation}).save_to_disk(tmp_path / "dict")
+    datasets.DatasetDict({"train": train}).save_to_disk(tmp_path / "one_split")
+    data = DataConfig(split="train")
+    with pytest.raises(RecipeError, match=r"'eval.data': .*dict has several splits; its splits: train, "
+                                          r"validation\. Set 'eval.split'"):
+        retrieval_pairs(str(tmp_path / "dict"), "", data)
+    _, captions, _ = retrieval_pairs(str(tmp_path / "dict"), "", data, split="validation")
+    assert captions == ["validation 0"]
+    _, captions, _ = retrieval_pairs(str(tmp_path / "one_split"), "", data)
+    assert captions == ["train 0", "train 1"]
+
+
 def test_parquet_file_and_folder(tmp_path):
     images = [png(i) for i in range(3)]
     dataset = image_dataset(images, ["p0", "p1", "p2"])

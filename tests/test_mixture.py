@@ -181,6 +181,10 @@ def test_resume_on_one_rank_draws_what_two_ranks_would_have(sources, tmp_path):
                      "--resume", str(checkpoint), ranks=1, check=False)
     assert changed.returncode == 2
     assert "the training data changed since the checkpoint" in changed.stdout + changed.stderr
+    reseeded = launch("stage1_text", *common, "--set", "seed=4", "--set", f"run_dir={tmp_path / 'reseeded'}",
+                      "--resume", str(checkpoint), ranks=1, check=False)
+    assert reseeded.returncode == 2
+    assert "and seed 3, now" in reseeded.stdout + reseeded.stderr
     expected, got = samples_by_step(reference), samples_by_step(resumed)
     assert sorted(got) == list(range(K + 1, 2 * K + 1))
     for step in got:

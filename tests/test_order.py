@@ -68,8 +68,14 @@ def test_sources_are_interleaved_not_in_blocks():
 
 
 def test_orders_of_laion_size_cost_no_memory():
+    import tracemalloc
+
+    tracemalloc.start()
     order = GlobalOrder([2_000_000_000, 50_000_000], seed=0, weights=[1, 1])
     indices = order.indices(3, 1_000_000_000, 1_000_004_096)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2 ** 20  # an epoch's permutation as an array would take 16 GiB
     assert len(set(indices.tolist())) == 4096 and indices.max() < 2_050_000_000
 
 
@@ -98,3 +104,9 @@ def test_a_weighted_order_resumes_on_any_world_size():
     assert keys(4, 1, 7, 2) == uninterrupted[7 * 4:]
     drawn = [i for batch in uninterrupted[:5 * 4] for i, _ in batch]
     assert drawn == order.indices(0, 0, 5 * global_batch).tolist()
+
+
+def test_a_weight_too_small_for_one_sample_is_refused():
+    with pytest.raises(RecipeError, match=r"'data.weights\[1\]' = 1e-06 gives source 1 \(500 samples\) no sample"):
+        GlobalOrder([100_000, 500], seed=0, weights=[1, 1e-6])
+    assert GlobalOrder([100_000, 500], seed=0, weights=[1, 1e-2]).quotas[1] > 0

@@ -189,6 +189,19 @@ def test_byte_identical_for_any_worker_count(data, tmp_path):
         assert {(m.mtime, m.uid, m.gid) for m in tar.getmembers()} == {(0, 0, 0)}
 
 
+def test_a_worker_that_dies_is_an_error_not_a_hang(data, tmp_path, monkeypatch):
+    import os
+
+    import tinyclip_ds.prepare as prepare_module
+    from tinyclip_ds.config import RecipeError
+
+    # forked workers inherit the patch: each dies as the OS kills a process out of memory
+    monkeypatch.setattr(prepare_module, "write_shard", lambda task, tick: os._exit(9))
+    with pytest.raises(RecipeError, match="a prepare worker process died"):
+        prepare(str(data / "imgs"), tmp_path / "out", size=SIZE, shard_size=2, workers=2,
+                start_method="fork", log=lambda line: None)
+
+
 def test_refuses_non_empty_out_dir_unless_overwrite(data, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -26,7 +26,7 @@ from PIL import Image
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data import shards
-from tinyclip_ds.data.shards import (INDEX_DTYPE, INDEX_SKIP_REASONS, ShardSet, expand_braces, fake_index,
+from tinyclip_ds.data.shards import (INDEX_DTYPE, INDEX_SKIP_REASONS, ShardSet, fake_index,
                                      is_shard_spec, shard_paths)
 from tinyclip_ds.data.sources import CAPTION_SKIP_REASONS, SKIP_REASONS
 
@@ -152,15 +152,6 @@ def test_directory_and_single_file_specs(good_shards, tmp_path):
         with pytest.raises(RecipeError, match=message) as error:
             ShardSet(spec, key="data.images", progress=False)
         assert "'data.images'" in str(error.value)
-
-
-@pytest.mark.parametrize("pattern", ["s/{00000..00012}.tar", "{a,b}/{1..3}.tar", "x{08..10}y{a,b}",
-                                     "{a,b{1..2}}-{9..11}", "plain.tar", "odd{x}.tar", "{3..1}"])
-def test_hand_written_brace_expansion_agrees_with_braceexpand(pattern, monkeypatch):
-    braceexpand = pytest.importorskip("braceexpand")
-    assert shards._expand_braces(pattern) == list(braceexpand.braceexpand(pattern))
-    monkeypatch.setattr(shards, "_braceexpand", None)
-    assert expand_braces(pattern) == list(braceexpand.braceexpand(pattern))
 
 
 def test_index_is_cached_and_rebuilt_when_a_shard_changes(good_shards, monkeypatch):
@@ -323,6 +314,28 @@ def test_a_shard_deleted_after_indexing_is_a_reason_not_a_crash(good_shards):
     assert part.sample_id(5) == "00001.tar/#1"
     assert isinstance(part.load(9), Image.Image)
     assert "missing_shard" in SKIP_REASONS and "missing_shard" in CAPTION_SKIP_REASONS
+
+
+def test_a_fifo_is_refused_or_skipped_never_read(good_shards, tmp_path):
+    """Opening a FIFO blocks until a writer comes: the indexer must not try."""
+    folder, _ = good_shards
+    fifo = tmp_path / "pipe.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(RecipeError, match="pipe.tar is not a regular file"):
+        ShardSet(str(fifo), progress=False, index_workers=1)
+    (folder / "00001.tar").unlink()
+    os.mkfifo(folder / "00001.tar")
+    part = ShardSet(f"{folder}/{{00000..00002}}.tar", progress=False, index_workers=1)
+    assert len(part) == 8 and part.skipped["unreadable_shard"] == 1
+
+
+def test_an_index_cut_short_is_a_recipe_error(good_shards):
+    folder, _ = good_shards
+    part = ShardSet(f"{folder}/{{00000..00002}}.tar", progress=False, index_workers=1)
+    data = Path(part.index_path).read_bytes()
+    Path(part.index_path).write_bytes(data[:len(data) - 40])
+    with pytest.raises(RecipeError, match="cannot be read .*delete it and its sidecar"):
+        ShardSet(f"{folder}/{{00000..00002}}.tar", progress=False, index_workers=1)
 
 
 def test_a_spec_with_nothing_usable_is_a_recipe_error(tmp_path):

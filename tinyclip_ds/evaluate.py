@@ -27,6 +27,7 @@ from torch import Tensor
 from tinyclip_ds import distributed
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.config import DataConfig
+from tinyclip_ds.data.hf_layout import is_hf_spec
 from tinyclip_ds.data.mixture import retrieval_pairs
 from tinyclip_ds.data.sources import PairSource, classification_source, text_lines
 from tinyclip_ds.data.transforms import eval_transform, to_rgb
@@ -223,11 +224,11 @@ def retrieval_set(spec: str, image_root: str, split: str | None, image_key: str,
         data = _read_json(path, "--data")
         if is_karpathy(data):
             return karpathy_pairs(path, split or "test", image_root)
-    if split is not None:
-        raise RecipeError(f"--split applies to Karpathy split files (dataset_coco.json, dataset_flickr30k.json); "
-                          f"{spec} is not one: leave --split out")
+    if split is not None and not is_hf_spec(path.expanduser()):
+        raise RecipeError(f"--split applies to Karpathy split files (dataset_coco.json, dataset_flickr30k.json) "
+                          f"and Hugging Face datasets; {spec} is neither: leave --split out")
     return retrieval_pairs(spec, image_root, DataConfig(csv_image_key=image_key, csv_caption_key=caption_key),
-                           key="--data")
+                           key="--data", split=split or "", split_key="--split")
 
 
 def zeroshot_set(spec: str, classnames_file: str | None, templates_file: str | None
@@ -381,7 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(dataset_coco.json / dataset_flickr30k.json) or demo:digit_pairs")
     parser.add_argument("--image-root", default="", help="folder the --data image paths are relative to "
                                                          "(default: as eval.image_root, the file's own folder)")
-    parser.add_argument("--split", default=None, help="Karpathy split files: which split (default: test)")
+    parser.add_argument("--split", default=None, help="Karpathy split files: which split (default: test); "
+                        "Hugging Face datasets of several splits: which split (default: the only one)")
     parser.add_argument("--csv-image-key", default="filepath", help="--data .csv/.tsv: image path column")
     parser.add_argument("--csv-caption-key", default="title", help="--data .csv/.tsv: caption column")
     parser.add_argument("--zeroshot", default="", metavar="FOLDER",

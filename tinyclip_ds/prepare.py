@@ -30,6 +30,7 @@ limited here: the recipe's ``data.max_caption_chars`` applies when training read
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,6 +39,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +136,13 @@ def read_source(spec: str, kind: str, image_root: str = "", csv_image_key: str =
     """The samples of ``spec`` for ``kind``, from the readers of `tinyclip_ds.data.sources`:
     ``(image entries, captions per sample, where each sample came from, reader summary)``.
     Entries are None for captions; captions are None for images. Errors are `RecipeError`."""
+    from tinyclip_ds.data.hf_layout import is_hf_spec
+    from tinyclip_ds.data.shards import is_shard_spec
+
+    if is_shard_spec(spec) or is_hf_spec(Path(spec).expanduser()):
+        what = "webdataset shards" if is_shard_spec(spec) else "a Hugging Face dataset"
+        raise RecipeError(f"{SOURCE_KEY} {spec} is {what}, which training reads as it is; prepare takes an "
+                          f"image folder, a .csv/.tsv, a COCO captions .json or a caption .txt")
     if kind == "captions":
         captions = sources.caption_source(spec, key=SOURCE_KEY)
         return [None] * len(captions), [[c] for c in captions], [f"{spec}#{i}" for i in range(len(captions))], \
@@ -302,7 +312,7 @@ def prepare(spec: str, out: str | Path, size: int = 224, kind: str | None = None
                     report.written += written
                     report.skipped += skipped
             else:
-                _run_pool(tasks, workers, shard_count, start_method, bar, report)
+                _run_pool(tasks, workers, start_method, bar, report)
     finally:
         for path in out.glob("*.tar.part"):  # a shard left unfinished by an error or Ctrl-C
             path.unlink()
@@ -321,24 +331,33 @@ def prepare(spec: str, out: str | Path, size: int = 224, kind: str | None = None
     return report
 
 
-def _run_pool(tasks: Iterator[ShardTask], workers: int, shard_count: int, start_method: str | None,
-              bar, report: Report) -> None:
+def _run_pool(tasks: Iterator[ShardTask], workers: int, start_method: str | None, bar, report: Report) -> None:
     """Write the shards with a pool of ``workers`` processes, updating ``bar`` from a shared
-    count of samples done (a shard holds thousands of samples: per-shard steps would be coarse)."""
+    count of samples done (a shard holds thousands of samples: per-shard steps would be coarse).
+
+    A `ProcessPoolExecutor`, not a `multiprocessing.Pool`: a worker that dies (killed for memory
+    on a huge image, a crashing decoder) breaks the executor, where a Pool waits for its result
+    forever. At most two shards per worker are in flight, so tasks are drawn as workers free up."""
     context = multiprocessing.get_context(start_method)
     done = context.Value("q", 0)
-    with context.Pool(workers, initializer=_init_worker, initargs=(done,)) as pool:
-        results = pool.imap_unordered(_write_shard_in_worker, tasks)
-        finished = 0
-        while finished < shard_count:
-            try:
-                _, written, skipped = results.next(timeout=0.5)
-            except multiprocessing.TimeoutError:
-                bar.update(done.value - bar.n)
-                continue
-            finished += 1
-            report.written += written
-            report.skipped += skipped
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(done,)) as pool:
+        pending: set = set()
+        tasks = iter(tasks)
+        while True:
+            for task in itertools.islice(tasks, 2 * workers - len(pending)):
+                pending.add(pool.submit(_write_shard_in_worker, task))
+            if not pending:
+                break
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    _, written, skipped = future.result()
+                except BrokenProcessPool:
+                    raise RecipeError(f"a prepare worker process died (killed for memory?) after {report.written} "
+                                      f"samples were written; run again with --overwrite and fewer --workers or a "
+                                      f"smaller --shard-size") from None
+                report.written += written
+                report.skipped += skipped
             bar.update(done.value - bar.n)
 
 

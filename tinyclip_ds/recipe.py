@@ -231,7 +231,8 @@ def check_paths(recipe: Recipe) -> None:
             mixture.read_part(spec, name, data, key=f"data.{name}[{i}]")
     # Evaluation sets are checked as a run checks them at its start: every image decoded.
     if _is_path(evaluation.data):
-        check_images(mixture.retrieval_pairs(evaluation.data, evaluation.image_root, data)[0], "eval.data")
+        check_images(mixture.retrieval_pairs(evaluation.data, evaluation.image_root, data,
+                                             split=evaluation.split)[0], "eval.data")
     if _is_path(evaluation.zeroshot):
         check_images(sources.classification_source(evaluation.zeroshot)[0], "eval.zeroshot")
     if evaluation.zeroshot and evaluation.templates != "default":

@@ -91,11 +91,13 @@ class HFSource:
 
     def __init__(self, spec: str, key: str = "data.pairs", need: Sequence[str] = ("image", "text"),
                  image_column: str = "", caption_column: str = "", split: str = "train",
-                 max_caption_chars: int = 2000, image_root: str = "", cache_dir: str = "") -> None:
+                 max_caption_chars: int = 2000, image_root: str = "", cache_dir: str = "",
+                 split_key: str = "data.split") -> None:
         """Open ``spec`` (see the module docstring). ``need``: what every sample must have
         ("image", "text"); a needed column that cannot be found is a `RecipeError`. ``split``
         picks one split of a spec that has several (a DatasetDict, a parquet folder or
-        imagefolder with split files/folders); a single dataset is read whole. ``cache_dir``:
+        imagefolder with split files/folders); '' = its only split (several: an error naming
+        ``split_key``, the option that picks one); a single dataset is read whole. ``cache_dir``:
         where parquet files and imagefolders are converted to Arrow ('' = datasets' cache)."""
         unknown = set(need) - {"image", "text"}
         if unknown:
@@ -110,7 +112,7 @@ class HFSource:
         self.kind = kind_of(path)
         if not self.kind:
             raise RecipeError(f"'{key}': {path} is not a Hugging Face dataset; accepted: {ACCEPTED}")
-        dataset, self.split = _open(path, self.kind, split, key, cache_dir)
+        dataset, self.split = _open(path, self.kind, split, key, cache_dir, split_key)
         self.rows = len(dataset)
         self.image_root = Path(image_root).expanduser() if image_root else (path if path.is_dir() else path.parent)
         self._name = path.name + (f"/{self.split}" if self.split else "")
@@ -220,7 +222,8 @@ class HFSource:
 
 # --------------------------------------------------------------------------- helpers
 
-def _open(path: Path, kind: str, split: str, key: str, cache_dir: str) -> tuple[datasets.Dataset, str]:
+def _open(path: Path, kind: str, split: str, key: str, cache_dir: str,
+          split_key: str) -> tuple[datasets.Dataset, str]:
     """The dataset at ``path`` (memory-mapped) and the split read ('' for a single dataset)."""
     cache = str(Path(cache_dir).expanduser()) if cache_dir else None
     try:
@@ -232,13 +235,14 @@ def _open(path: Path, kind: str, split: str, key: str, cache_dir: str) -> tuple[
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.Dataset):
                 return loaded, ""
-            return loaded[_pick_split(list(loaded), split, path, key)], split
+            split = _pick_split(list(loaded), split, path, key, split_key)
+            return loaded[split], split
         # imagefolder or parquet folder: the split files as datasets' own rules find them
         # (train/, data/validation-*.parquet, ...; everything is "train" when no name says otherwise)
         parquet = kind == "parquet_folder"
         files = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path),
                                             allowed_extensions=[".parquet"] if parquet else None)
-        split = _pick_split(list(files), split, path, key)
+        split = _pick_split(list(files), split, path, key, split_key)
         builder_class = Parquet if parquet else ImageFolder
         # The builder run directly, as Dataset.from_parquet does: load_dataset would also call the Hub
         builder = builder_class(cache_dir=cache, data_files=DataFilesDict({split: files[split]}),
@@ -252,10 +256,14 @@ def _open(path: Path, kind: str, split: str, key: str, cache_dir: str) -> tuple[
                           f"{str(error)[:300]}); accepted: {ACCEPTED}") from error
 
 
-def _pick_split(splits: list[str], split: str, path: Path, key: str) -> str:
+def _pick_split(splits: list[str], split: str, path: Path, key: str, split_key: str) -> str:
+    """``split`` if ``path`` has it; '' = its only split."""
+    if not split and len(splits) == 1:
+        return splits[0]
     if split not in splits:
-        raise RecipeError(f"'{key}': {path} has no split '{split}'; its splits: {', '.join(map(str, splits))}. "
-                          f"Set 'data.split' to one of them")
+        has = f"has no split '{split}'" if split else "has several splits"
+        raise RecipeError(f"'{key}': {path} {has}; its splits: {', '.join(map(str, splits))}. "
+                          f"Set '{split_key}' to one of them")
     return split
 
 

@@ -121,8 +121,9 @@ class Mixture:
         return "\n".join([line, *lines])
 
 
-def read_part(spec: str, kind: str, data: DataConfig, key: str) -> Any:
-    """The part a spec names, read for ``kind`` ("images", "captions" or "pairs")."""
+def read_part(spec: str, kind: str, data: DataConfig, key: str, split_key: str = "data.split") -> Any:
+    """The part a spec names, read for ``kind`` ("images", "captions" or "pairs"); ``split_key``
+    names the option that set ``data.split``, for errors."""
     large = _large_scale_reader(spec)
     if large == "shards":
         return shards.ShardSet(spec, key=key, need=NEEDS[kind], max_caption_chars=data.max_caption_chars,
@@ -132,7 +133,8 @@ def read_part(spec: str, kind: str, data: DataConfig, key: str) -> Any:
 
         return HFSource(spec, key=key, need=NEEDS[kind], image_column=data.image_column,
                         caption_column=data.caption_column, split=data.split,
-                        max_caption_chars=data.max_caption_chars, image_root=data.image_root)
+                        max_caption_chars=data.max_caption_chars, image_root=data.image_root,
+                        split_key=split_key)
     suffix = Path(spec).suffix.lower()
     # A pairs file serves the stages that need only half of it: stage 1 image reads its images,
     # stage 1 text the captions of a .csv/.tsv (a COCO .json already gives every caption).
@@ -170,14 +172,15 @@ def training_mixture(kind: str, data: DataConfig) -> Mixture:
     return Mixture(parts)
 
 
-def retrieval_pairs(spec: str, image_root: str, data: DataConfig, key: str = "eval.data"
-                    ) -> tuple[Any, list[str], list[int]]:
+def retrieval_pairs(spec: str, image_root: str, data: DataConfig, key: str = "eval.data", split: str = "",
+                    split_key: str = "eval.split") -> tuple[Any, list[str], list[int]]:
     """A retrieval set ``(images, captions, text_to_image)`` as `sources.eval_pairs` returns it,
     from any pairs spec: a shard set or a dataset is read whole (evaluation sets are small), and
-    a sample without a usable caption is an error, since evaluation sets must be complete."""
+    a sample without a usable caption is an error, since evaluation sets must be complete.
+    ``split``: a dataset's split ('' = its only one), never the training data's ``data.split``."""
     if _large_scale_reader(spec) is None:
         return sources.eval_pairs(spec, image_root, data.csv_image_key, data.csv_caption_key, key=key)
-    part = read_part(spec, "pairs", dataclasses.replace(data, image_root=image_root), key)
+    part = read_part(spec, "pairs", dataclasses.replace(data, image_root=image_root, split=split), key, split_key)
     per_sample = []
     for i in range(len(part)):
         captions = part.captions_of(i)

@@ -127,6 +127,10 @@ class GlobalOrder:
         self.seed = seed
         self.offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
         self.quotas = quotas(sizes, weights)
+        if 0 in self.quotas:  # a weight so small that the source would never be drawn
+            s = self.quotas.index(0)
+            raise RecipeError(f"'{key}[{s}]' = {weights[s]} gives source {s} ({sizes[s]} samples) no sample in an "
+                              f"epoch of {sum(self.quotas)}; raise its weight or leave the source out")
         self._quota_starts = np.cumsum([0] + self.quotas).astype(np.int64)
         self.epoch_length = int(self._quota_starts[-1])
         self._permutations: dict[tuple, Permutation] = {}

@@ -48,7 +48,6 @@ import logging
 import mmap
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -63,15 +62,12 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 from PIL import Image
+from braceexpand import braceexpand
 from tqdm import tqdm
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.sources import IMAGE_EXTENSIONS, caption_problem, decode_image_bytes
 
-try:  # the bench extra (open_clip's training code) installs it; not a dependency of ours
-    from braceexpand import braceexpand as _braceexpand
-except ImportError:
-    _braceexpand = None
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +90,6 @@ INDEX_SKIP_REASONS = {
 }
 """Why samples (the first two) or whole shards (the others; counted per shard) are left out while indexing."""
 
-SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard")
 """The `INDEX_SKIP_REASONS` that count shards, not samples; the summary names these shards."""
 
 MAX_OPEN_SHARDS = 128
@@ -149,50 +144,14 @@ def shard_paths(spec: str, key: str = "data.pairs") -> list[Path]:
         if not paths:
             raise RecipeError(f"'{key}': {path} holds no .tar files; give {_ACCEPTED}")
         return paths
+    if not path.is_file():  # a FIFO or device would block the indexer's read forever
+        raise RecipeError(f"'{key}': {path} is not a regular file; give {_ACCEPTED}")
     return [path]
 
 
 def expand_braces(pattern: str) -> list[str]:
     """``{a..b}`` ranges (zero-padded like their ends) and ``{x,y}`` lists, as bash does."""
-    if _braceexpand is not None:
-        return list(_braceexpand(pattern))
-    return _expand_braces(pattern)
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Hand-written fallback for `expand_braces`: braceexpand is only installed with the bench
-    extra, and shard patterns need just ranges, lists and nesting (no escapes, no steps)."""
-    start = pattern.find("{")
-    while start != -1:
-        depth, end, commas = 0, -1, []
-        for i in range(start, len(pattern)):
-            if pattern[i] == "{":
-                depth += 1
-            elif pattern[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    end = i
-                    break
-            elif pattern[i] == "," and depth == 1:
-                commas.append(i)
-        if end == -1:
-            break  # an unmatched '{' is literal text
-        body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
-        numbers = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-        if numbers:
-            first, last = numbers.group(1), numbers.group(2)
-            padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (first, last))
-            width = max(len(first), len(last)) if padded else 0
-            step = 1 if int(last) >= int(first) else -1
-            choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
-        elif commas:
-            bounds = [start, *commas, end]
-            choices = [pattern[a + 1:b] for a, b in zip(bounds, bounds[1:])]
-        else:
-            start = pattern.find("{", start + 1)  # '{x}' without '..' or ',' is literal text
-            continue
-        return [expanded for choice in choices for expanded in _expand_braces(head + choice + tail)]
-    return [pattern]
+    return list(braceexpand(pattern))
 
 
 def _is_tar_name(name: str) -> bool:
@@ -214,7 +173,8 @@ def _split_name(name: str) -> tuple[str, str] | None:
 def _scan_shard(shard: int, path: str, need_image: bool, need_text: bool
                 ) -> tuple[np.ndarray, dict[str, int], str | None, str]:
     """Index one shard from its tar headers: ``(rows, samples skipped per reason, shard
-    problem (a `SHARD_REASONS` item or None), what went wrong)``. Never raises."""
+    problem ("missing_shard", "unreadable_shard", "truncated_shard" or None), what went wrong)``.
+    Never raises."""
     rows: list[tuple[int, int, int, int, int, int]] = []
     skipped: Counter[str] = Counter()
     try:
@@ -226,6 +186,8 @@ def _scan_shard(shard: int, path: str, need_image: bool, need_text: bool
 
 def _scan_members(shard: int, path: str, need_image: bool, need_text: bool,
                   rows: list, skipped: Counter[str]) -> tuple[str | None, str]:
+    if os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would block forever
+        return "unreadable_shard", "not a regular file"
     try:
         file = open(path, "rb")
     except FileNotFoundError:
@@ -476,7 +438,11 @@ class ShardSet:
         page in ~60 KB around every 37-byte row (measured: 576 MB of page cache and 0.6 ms per
         look-up over 10^4 look-ups in a 10^8-row index; 40 MB and 6 us with the advice)."""
         if self._index is None:
-            rows = np.load(self.index_path, mmap_mode="r", allow_pickle=False)
+            try:
+                rows = np.load(self.index_path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:  # e.g. a copy of the index cut short
+                raise RecipeError(f"'{self.key}': {self.index_path} cannot be read ({error}); delete it and its "
+                                  f"sidecar to rebuild the index") from None
             mapped = getattr(rows, "_mmap", None)  # numpy keeps the mmap object under this name
             if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
                 mapped.madvise(mmap.MADV_RANDOM)

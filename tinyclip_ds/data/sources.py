@@ -181,7 +181,7 @@ class TextTable(_Packed):
     file system encodes names (UTF-8, undecodable bytes kept), so any path round-trips."""
 
     def __init__(self, texts: Iterable[str]) -> None:
-        encoded = [os.fsencode(text) for text in texts]
+        encoded = [_encode(text) for text in texts]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -195,6 +195,15 @@ class TextTable(_Packed):
     @property
     def nbytes(self) -> int:
         return self._offsets.nbytes + self._bytes.nbytes
+
+
+def _encode(text: str) -> bytes:
+    """``text`` as the file system encodes names; a code point no name can hold (a lone
+    surrogate, e.g. from a JSON ``"\\ud800"`` escape in a caption) becomes "?"."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
 
 
 class PathTable(_Packed):

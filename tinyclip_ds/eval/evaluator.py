@@ -51,6 +51,8 @@ class EvalConfig:
     image_root: str = option("", "folder that relative image paths in eval.data are resolved against; "
                                  "'' = the file's own folder, or <root>/<split>/ for a COCO file at "
                                  "<root>/annotations/captions_<split>.json")
+    split: str = option("", "eval.data with several splits (a saved DatasetDict, a parquet folder or an "
+                            "imagefolder with split files): the split evaluated; '' = its only split")
     zeroshot: str = option("", "classification set for zero-shot accuracy: a folder with one "
                                "sub-folder per class, or demo:digits; '' = none")
     templates: str = option("default", "zero-shot prompt templates: 'default' (the set's own, "
@@ -85,7 +87,7 @@ class Evaluator:
         self.transform = eval_transform(image_size, mean, std)
         self.retrieval = None
         if cfg.data:
-            self.retrieval = retrieval_pairs(cfg.data, cfg.image_root, data, key="eval.data")
+            self.retrieval = retrieval_pairs(cfg.data, cfg.image_root, data, key="eval.data", split=cfg.split)
             check_images(self.retrieval[0], "eval.data")
         self.zeroshot = None
         self.templates: list[str] = []

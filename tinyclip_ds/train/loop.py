@@ -59,6 +59,7 @@ class TrainState:
     unusable_in_a_row: int = 0  # steps in a row without enough usable samples
     data_sizes: list[int] = field(default_factory=list)  # samples of each training source: what the position counts in
     data_weights: list[float] = field(default_factory=list)  # their data.weights ([] = by size)
+    data_seed: int | None = None  # the seed of their order (None: saved before it was recorded)
 
     def to_dict(self) -> dict:
         """The state as plain data (the checkpoint's client state)."""
@@ -165,14 +166,16 @@ class Trainer:
         global order, continuing from the data position (samples consumed over all ranks, so it
         holds for any world size with the same global batch)."""
         run, state = self.run, self.state
-        sizes, weights = list(dataset.source.sizes), list(self.recipe.data.weights)
-        if state.data_sizes and (state.data_sizes, state.data_weights) != (sizes, weights):
+        sizes, weights, seed = list(dataset.source.sizes), list(self.recipe.data.weights), self.recipe.seed
+        saved_seed = seed if state.data_seed is None else state.data_seed
+        if state.data_sizes and (state.data_sizes, state.data_weights, saved_seed) != (sizes, weights, seed):
             raise RecipeError(
                 f"the training data changed since the checkpoint: its sources held {state.data_sizes} samples "
-                f"with data.weights {state.data_weights or '[]'}, now {sizes} with {weights or '[]'}; the data "
-                f"position would point at other samples. Resume with the same data, or start a new run "
-                f"initialised from this one's weights (student.*.init_from)")
-        state.data_sizes, state.data_weights = sizes, weights
+                f"with data.weights {state.data_weights or '[]'} and seed {saved_seed}, now {sizes} with "
+                f"{weights or '[]'} and seed {seed}; the data position would point at other samples. Resume with "
+                f"the same data and seed, or start a new run initialised from this one's weights "
+                f"(student.*.init_from)")
+        state.data_sizes, state.data_weights, state.data_seed = sizes, weights, seed
         order = GlobalOrder(sizes, self.recipe.seed, weights or None)
         sampler = GlobalBatchSampler(
             order, self.micro, self.accumulation, run.world, run.rank,
