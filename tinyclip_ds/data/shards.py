@@ -60,14 +60,13 @@ from itertools import repeat
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
 from filelock import FileLock, Timeout
 from PIL import Image
-from braceexpand import braceexpand
 from tqdm import tqdm
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.sources import IMAGE_EXTENSIONS, caption_problem, decode_image_bytes
-
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,6 @@ INDEX_SKIP_REASONS = {
     "truncated_shard": "the tar file ends early or is damaged partway; the members before the break are kept",
 }
 """Why samples (the first two) or whole shards (the others; counted per shard) are left out while indexing."""
-
-"""The `INDEX_SKIP_REASONS` that count shards, not samples; the summary names these shards."""
 
 MAX_OPEN_SHARDS = 128
 """File descriptors a process keeps open per part (least recently used closed first): random
