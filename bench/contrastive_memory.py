@@ -45,14 +45,16 @@ def measure(micro: int, accumulation: int, samples: int) -> dict:
     ``samples`` samples."""
     import torch
 
-    from tinyclip_ds.distill.objectives import LossConfig, Stage2Objective
+    from tinyclip_ds.distill.config import LossConfig
+    from tinyclip_ds.distill.objectives import Stage2Objective
     from tinyclip_ds.distributed import init_distributed
-    from tinyclip_ds.models.teachers import load_teacher, TeacherConfig
+    from tinyclip_ds.models.config import TeacherConfig
+    from tinyclip_ds.models.teachers import load_teacher
     from tinyclip_ds.models.transformer import TextTower, VisionTower
+    from tinyclip_ds.train.config import TrainConfig
     from tinyclip_ds.train.contrastive import Features, contrastive_step
     from tinyclip_ds.train.deepspeed_config import build_ds_config
     from tinyclip_ds.train.engine import build_engine
-    from tinyclip_ds.train.optim import TrainConfig
     from tinyclip_ds.train.stage2 import LogitScale, Stage2Student
 
     init_distributed()  # the library's: also frees DeepSpeed's /dev/shm segment

@@ -78,7 +78,7 @@ def synthetic_image(rng: np.random.Generator, size: int = IMAGE_PIXELS) -> Image
 
 def caption(i: int) -> str:
     """Captions in the demo teacher's vocabulary (so the tokenizer does its normal work)."""
-    from tinyclip_ds.demo.data import pair_caption
+    from tinyclip_ds.data.digits import pair_caption
 
     return pair_caption(i % 10, (i // 10) % 10)
 
@@ -177,7 +177,7 @@ def measure_loading(name: str, kind: str, spec: str, worker_counts: list[int], w
     from tinyclip_ds.data.order import GlobalOrder
     from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
     from tinyclip_ds.data.transforms import train_transform
-    from tinyclip_ds.demo.data import IMAGE_SIZE
+    from tinyclip_ds.data.digits import IMAGE_SIZE
     from tinyclip_ds.demo.teacher import IMAGE_MEAN, IMAGE_STD, demo_tokenizer
 
     data = DataConfig(**{kind: [spec]}, index_cache=str(index_cache))

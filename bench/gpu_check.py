@@ -286,7 +286,7 @@ def sample_flops(task, stage: str, example: dict, rows: int = 2) -> tuple[float,
     batch = {key: value[:rows] if isinstance(value, torch.Tensor) else value for key, value in example.items()}
     module = task.module
     if stage == "stage1_image":
-        inputs = batch["image"].to(task.run.device)
+        inputs = batch["image"].to(task.device)
         request = task.objective.teacher_request
         teacher = count(lambda: task.teacher_forward(inputs, request))
         with torch.no_grad():
@@ -320,7 +320,7 @@ def run_stage(stage: str, out: Path, overrides: list[str]) -> dict:
     from tinyclip_ds.recipe import check_paths, check_run_dir, load_recipe
     from tinyclip_ds.speed import device_name
     from tinyclip_ds.train.deepspeed_config import batch_sizes
-    from tinyclip_ds.train.loop import TASKS, Trainer
+    from tinyclip_ds.train.loop import Trainer, build_task
     from tinyclip_ds.train.run import prepare as prepare_run
 
     profile = Profile(**json.loads((out / "profile.json").read_text()))
@@ -330,7 +330,7 @@ def run_stage(stage: str, out: Path, overrides: list[str]) -> dict:
     check_run_dir(recipe)
     check_paths(recipe)
     run = prepare_run(recipe, None)
-    task = TASKS[recipe.stage](run)
+    task = build_task(run)
     meter = StepMeter(task, run.device)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)

@@ -24,7 +24,8 @@ from PIL import Image
 from tinyclip_ds.data.datasets import ImageDataset, PairDataset
 from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
-from tinyclip_ds.data.sources import SKIP_REASONS, image_source, load_image, pair_source
+from tinyclip_ds.data.decode import SKIP_REASONS, load_image
+from tinyclip_ds.data.sources import image_source, pair_source
 from tinyclip_ds.data.transforms import eval_transform, to_rgb, train_transform
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -25,8 +25,9 @@ from tinyclip_ds.export import load_student_weights
 from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.train import checkpoint
-from tinyclip_ds.train.checkpoint import (MARKER, apply_retention, complete_checkpoints, is_complete, plan_resume,
-                                          resolve_resume, staging_dir, tag_for)
+from tinyclip_ds.train.checkpoint import (MARKER, apply_retention, complete_checkpoints, is_complete, resolve,
+                                          staging_dir, tag_for)
+from tinyclip_ds.train.universal import needs_universal
 
 FAST = ["--set", "train.micro_batch=4", "--set", "train.global_batch=8", "--set", "train.accumulation=0",
         "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "eval.every=0",
@@ -47,7 +48,7 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint_latest(tmp_path
     assert (torn / "rank_00001.pt").is_file() and not is_complete(torn)
     step4 = run_dir / "checkpoints" / tag_for(4)
     assert not step4.exists()
-    assert resolve_resume(run_dir, "auto") == run_dir / "checkpoints" / tag_for(2)
+    assert resolve(run_dir, "auto") == run_dir / "checkpoints" / tag_for(2)
 
     resumed = launch("stage1_text", *common, "--resume", "auto", ranks=2)
     assert "resumed at step 2" in resumed.stdout and "done: 4 steps" in resumed.stdout
@@ -127,7 +128,7 @@ ENGINE_EMBEDDINGS = textwrap.dedent('''
     from tinyclip_ds.distill.objectives import Stage2Objective
     from tinyclip_ds.models.students import build_students
     from tinyclip_ds.recipe import load_recipe
-    from tinyclip_ds.train import checkpoint
+    from tinyclip_ds.train import checkpoint, resume
     from tinyclip_ds.train.engine import build_engine
     from tinyclip_ds.train.run import prepare
     from tinyclip_ds.train.stage2 import LogitScale, Stage2Student
@@ -140,7 +141,7 @@ ENGINE_EMBEDDINGS = textwrap.dedent('''
                            LogitScale(recipe.loss.logit_scale_init, recipe.loss.logit_scale_max), {},
                            Stage2Objective(recipe.loss).student_tokens)
     engine = build_engine(module, run.ds_config, recipe.train)
-    checkpoint.load(engine, run.resume_from)
+    resume.load(engine, run.plan)
     generator = torch.Generator().manual_seed(0)
     size = run.teacher.image_size
     images = torch.randn(6, 3, size, size, generator=generator)
@@ -216,18 +217,18 @@ def names(run_dir) -> list[str]:
 
 
 def test_auto_picks_the_newest_complete_checkpoint(tmp_path):
-    assert resolve_resume(tmp_path, "auto") is None
+    assert resolve(tmp_path, "auto") is None
     fake_checkpoint(tmp_path, 100)
     newest = fake_checkpoint(tmp_path, 200)
     fake_checkpoint(tmp_path, 300, complete=False)  # torn by a crash mid-save
-    assert resolve_resume(tmp_path, "auto") == newest
-    assert resolve_resume(tmp_path, tag_for(100)) == tmp_path / "checkpoints" / tag_for(100)
-    assert resolve_resume(tmp_path, str(newest)) == newest
+    assert resolve(tmp_path, "auto") == newest
+    assert resolve(tmp_path, tag_for(100)) == tmp_path / "checkpoints" / tag_for(100)
+    assert resolve(tmp_path, str(newest)) == newest
     with pytest.raises(RecipeError, match="incomplete"):
-        resolve_resume(tmp_path, tag_for(300))
+        resolve(tmp_path, tag_for(300))
     with pytest.raises(RecipeError, match="no checkpoint directory"):
-        resolve_resume(tmp_path, tag_for(400))
-    assert resolve_resume(tmp_path, None) is None
+        resolve(tmp_path, tag_for(400))
+    assert resolve(tmp_path, None) is None
 
 
 def test_retention_keeps_the_newest_complete_ones_and_drops_older_torn_ones(tmp_path):
@@ -249,7 +250,7 @@ def test_retention_never_deletes_the_only_complete_checkpoint(tmp_path):
     for keep_last in (1, 2, 0):
         apply_retention(tmp_path, keep_last)
         assert names(tmp_path) == [tag_for(100), tag_for(200), tag_for(300)]
-    assert resolve_resume(tmp_path, "auto") == tmp_path / "checkpoints" / tag_for(100)
+    assert resolve(tmp_path, "auto") == tmp_path / "checkpoints" / tag_for(100)
 
 
 def test_retention_does_nothing_without_a_complete_checkpoint(tmp_path):
@@ -269,7 +270,7 @@ def test_retention_does_nothing_without_a_complete_checkpoint(tmp_path):
 ])
 def test_resume_plan(tmp_path, saved, world, zero, precision, universal):
     path = fake_checkpoint(tmp_path, 100, world=saved[0], zero=saved[1], precision=saved[2])
-    assert plan_resume(path, world, zero, precision, 64) is universal
+    assert needs_universal(path, world, zero, precision, 64) is universal
 
 
 @pytest.mark.parametrize("saved_zero,zero,match", [(0, 2, "ZeRO-0"), (2, 0, "ZeRO-0"), (2, 3, "ZeRO-3"),
@@ -277,10 +278,10 @@ def test_resume_plan(tmp_path, saved, world, zero, precision, universal):
 def test_resume_plan_refuses_what_deepspeed_cannot_convert(tmp_path, saved_zero, zero, match):
     path = fake_checkpoint(tmp_path, 100, zero=saved_zero)
     with pytest.raises(RecipeError, match=match):
-        plan_resume(path, 2, zero, "fp32", 64)
+        needs_universal(path, 2, zero, "fp32", 64)
 
 
 def test_resume_plan_refuses_another_global_batch(tmp_path):
     path = fake_checkpoint(tmp_path, 100, global_batch=64)
     with pytest.raises(RecipeError, match="train.global_batch=64"):
-        plan_resume(path, 4, 2, "fp32", 128)
+        needs_universal(path, 4, 2, "fp32", 128)

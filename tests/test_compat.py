@@ -26,9 +26,11 @@ from tinyclip_ds.models.students import build_students, student_shapes
 from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, load_teacher
 from tinyclip_ds.recipe import demo_recipe_path, load_recipe
 from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.consolidate import consolidated_state_dict
 from tinyclip_ds.train.monitor import Monitor
+from tinyclip_ds.train.records import RECORD, check_parameters, recipe_of
+from tinyclip_ds.train.resume import check_resume, init_source, load_tower
 from tinyclip_ds.train.stage1 import Stage1Student
-from tinyclip_ds.train.stage2 import initialise_from_stage1
 
 FAST = ["--set", "train.micro_batch=4", "--set", "train.global_batch=8", "--set", "train.accumulation=0",
         "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "train.steps=2",
@@ -78,6 +80,12 @@ def test_resume_with_another_student_or_stage_is_refused_before_anything_is_writ
     assert cli.returncode == 0 and exported.is_file(), cli.stderr[-3000:]
 
 
+def initialise_from_stage1(tower, kind: str, cfg, monitor: Monitor) -> None:
+    """What a stage-2 run does with ``student.<kind>.init_from``: the resume plan checks it
+    against the tower's shape, the task loads it."""
+    load_tower(tower, init_source(kind, cfg, tower.shape), monitor.print)
+
+
 def student_tower(recipe, teacher_clip, kind: str):
     """The ``kind`` student tower the recipe builds."""
     return build_students(recipe.student, teacher_clip, [kind], recipe.seed)[kind].tower
@@ -94,18 +102,18 @@ def stage1_module(recipe, teacher_clip) -> Stage1Student:
 def test_parameters_of_other_loss_terms_or_frozen_embeddings_are_refused_by_name(stage1):
     run_dir, teacher = stage1
     path = checkpoint.find_checkpoint(run_dir)
-    saved = load_recipe(checkpoint.recipe_of(path))
+    saved = load_recipe(recipe_of(path))
     teacher_clip = load_teacher(saved.teacher).clip
-    checkpoint.check_parameters(path, stage1_module(saved, teacher_clip))  # the saving recipe's model fits
+    check_parameters(path, stage1_module(saved, teacher_clip))  # the saving recipe's model fits
 
     # Same stage and tower shapes, but the embedding loss has a learned projection.
-    with_emb = load_recipe(checkpoint.recipe_of(path), ["loss.emb=1"])
+    with_emb = load_recipe(recipe_of(path), ["loss.emb=1"])
     with pytest.raises(RecipeError, match=r"not in the checkpoint: objective\.emb_projection\.weight, "
                                           r"objective\.emb_projection\.bias\): resume with the checkpoint's recipe"):
-        checkpoint.check_parameters(path, stage1_module(with_emb, teacher_clip))
-    frozen = load_recipe(checkpoint.recipe_of(path), ["student.image.freeze_embed=true"])
+        check_parameters(path, stage1_module(with_emb, teacher_clip))
+    frozen = load_recipe(recipe_of(path), ["student.image.freeze_embed=true"])
     with pytest.raises(RecipeError, match="trainable in one and frozen in the other: tower.class_embedding"):
-        checkpoint.check_parameters(path, stage1_module(frozen, teacher_clip))
+        check_parameters(path, stage1_module(frozen, teacher_clip))
 
 
 def test_checkpoints_without_a_record_are_checked_by_their_parameter_shapes(stage1, tmp_path, capsys):
@@ -113,16 +121,16 @@ def test_checkpoints_without_a_record_are_checked_by_their_parameter_shapes(stag
     run_dir, teacher = stage1
     old = tmp_path / "run" / "checkpoints" / "step_00000002"
     shutil.copytree(checkpoint.find_checkpoint(run_dir), old)
-    (old / checkpoint.RECORD).unlink()
-    recipe = load_recipe(checkpoint.recipe_of(old))
+    (old / RECORD).unlink()
+    recipe = load_recipe(recipe_of(old))
     teacher_clip = load_teacher(recipe.teacher).clip
-    checkpoint.check_resume(old, "stage1_image", student_shapes(recipe.student, teacher_clip, recipe.towers))
+    check_resume(old, "stage1_image", student_shapes(recipe.student, teacher_clip, recipe.towers))
     with pytest.raises(RecipeError, match="saved by a stage1_image run; this recipe is stage1_text"):
-        checkpoint.check_resume(old, "stage1_text", {})
-    shallower = load_recipe(checkpoint.recipe_of(old), ["student.image.layers=2"])
+        check_resume(old, "stage1_text", {})
+    shallower = load_recipe(recipe_of(old), ["student.image.layers=2"])
     with pytest.raises(RecipeError, match=r"another shape than this recipe's: tower\.transformer\.blocks\.2\."
                                           r"attn\.out\.bias \[64\] \(this recipe: absent\)"):
-        checkpoint.check_resume(old, "stage1_image", student_shapes(shallower.student, teacher_clip, shallower.towers))
+        check_resume(old, "stage1_image", student_shapes(shallower.student, teacher_clip, shallower.towers))
 
     # init_from: another depth is a one-line error, not a traceback; heads cannot be told, and it says so.
     monitor = Monitor(tmp_path / "monitor", enabled=True)
@@ -158,7 +166,7 @@ def test_init_from_refuses_another_student_shape_by_name(stage1, tmp_path):
     recipe = load_recipe(demo_recipe_path("stage2"), overrides)
     image = student_tower(recipe, teacher_clip, "image")
     initialise_from_stage1(image, "image", recipe.student.image, monitor)
-    trained = checkpoint.consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
+    trained = consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
     for name, value in image.state_dict().items():
         assert torch.equal(value, trained["tower." + name]), name
 
@@ -171,9 +179,9 @@ def test_exported_students_load_without_the_teacher_from_any_directory(stage1, t
     assert shapes["image"]["heads"] == 4 and shapes["image"]["layers"] == 3 and shapes.keys() == {"image"}
 
     # The trained student as the run built it (with its teacher) and loaded from the checkpoint.
-    recipe = load_recipe(checkpoint.recipe_of(checkpoint.find_checkpoint(run_dir)))
+    recipe = load_recipe(recipe_of(checkpoint.find_checkpoint(run_dir)))
     trained = student_tower(recipe, load_teacher(recipe.teacher).clip, "image").eval()
-    state = checkpoint.consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
+    state = consolidated_state_dict(checkpoint.find_checkpoint(run_dir))
     trained.load_state_dict({name[len("tower."):]: value for name, value in state.items()
                              if name.startswith("tower.")})
     images = torch.randn(5, 3, trained.shape.image_size, trained.shape.image_size,

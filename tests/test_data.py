@@ -17,8 +17,9 @@ from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.datasets import ImageDataset, PairDataset, TextDataset, collate
 from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, sample_seed, train_loader
-from tinyclip_ds.data.sources import (SKIP_REASONS, ImageSource, PairSource, caption_source,
-                                      classification_source, eval_pairs, image_source, pair_source)
+from tinyclip_ds.data.decode import SKIP_REASONS
+from tinyclip_ds.data.sources import (ImageSource, PairSource, caption_source, classification_source, eval_pairs,
+                                      image_source, pair_source)
 from tinyclip_ds.data.transforms import GEOMETRIC_OPS, GeometricRandAugment, eval_transform, to_rgb, train_transform
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -486,7 +487,7 @@ def test_too_little_data_for_one_global_batch():
 
 @pytest.fixture(scope="module")
 def digits():
-    return pytest.importorskip("tinyclip_ds.demo.data")
+    return pytest.importorskip("tinyclip_ds.data.digits")
 
 
 def test_demo_sources(digits):

@@ -14,12 +14,12 @@ from torchvision import transforms
 
 from safetensors.torch import load_file, save_file
 
-from tinyclip_ds.demo.data import (DIGIT_NAMES, GLYPH, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
-                                   digit_split, pair_caption, single_captions)
+from tinyclip_ds.data.digits import (DIGIT_NAMES, GLYPH, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
+                                    digit_split, pair_caption, single_captions)
 from tinyclip_ds.demo.teacher import demo_tokenizer, teacher_shapes, vocabulary
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.models.teachers import (DEMO_TEACHER_PATH, TeacherConfig, load_teacher, load_word_teacher,
-                                         save_word_teacher)
+from tinyclip_ds.models.config import TeacherConfig
+from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, load_teacher, load_word_teacher, save_word_teacher
 from tinyclip_ds.models.tokenizer import WordTokenizer
 from tinyclip_ds.models.transformer import Clip
 

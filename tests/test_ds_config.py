@@ -9,7 +9,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.train.deepspeed_config import DS_CONFIG_DIR, batch_sizes, build_ds_config
-from tinyclip_ds.train.optim import TrainConfig
+from tinyclip_ds.train.config import TrainConfig
 
 SHIPPED = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
 

@@ -178,9 +178,10 @@ def test_exported_directories_evaluate_as_the_student(library, tmp_path):
     through its own library's preprocessing and tokenizer as the student's towers do through ours."""
     import test_export_hf as helpers
     from tinyclip_ds.data.config import DataConfig
-    from tinyclip_ds.eval.evaluator import EvalConfig, Evaluator
+    from tinyclip_ds.eval.config import EvalConfig
+    from tinyclip_ds.eval.evaluator import Evaluator
     from tinyclip_ds.evaluate import load_model
-    from tinyclip_ds.models.teachers import TeacherConfig
+    from tinyclip_ds.models.config import TeacherConfig
 
     root = tmp_path / "teacher"
     root.mkdir()

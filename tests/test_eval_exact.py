@@ -59,7 +59,7 @@ RUN = ["--set", "train.micro_batch=8", "--set", "train.warmup_steps=1", "--set",
 
 def eval_set(folder, count: int = 12) -> list[str]:
     """Held-out demo digits as PNG files in ``folder``/imgs; their paths relative to ``folder``."""
-    from tinyclip_ds.demo.data import DIGIT_NAMES, digit_images
+    from tinyclip_ds.data.digits import DIGIT_NAMES, digit_images
 
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
     names = []

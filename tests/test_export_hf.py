@@ -24,8 +24,9 @@ from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.transforms import eval_transform
 from tinyclip_ds.export import ExportedStudent, unroll
 from tinyclip_ds.export.hf import HF_ARGMAX_EOS, SPECIAL_TOKENS, write_clip_bpe_files, write_hf
-from tinyclip_ds.models.students import StudentConfig, StudentTowerConfig, build_students
-from tinyclip_ds.models.teachers import TeacherConfig, load_hf, load_teacher
+from tinyclip_ds.models.config import StudentConfig, StudentTowerConfig, TeacherConfig
+from tinyclip_ds.models.students import build_students
+from tinyclip_ds.models.teachers import load_hf, load_teacher
 from tinyclip_ds.models.tokenizer import ClipTokenizer
 
 TOLERANCE = 1e-5

@@ -27,8 +27,9 @@ from tinyclip_ds.data.transforms import eval_transform
 from tinyclip_ds.export import ExportedStudent, exported_student, load_student_weights, resolve_checkpoint, unroll
 from tinyclip_ds.export.open_clip import CONFIG, WEIGHTS, write_open_clip
 from tinyclip_ds.export.tinyclip import Consolidated, consolidate, towers_with
-from tinyclip_ds.models.students import StudentConfig, StudentTowerConfig, build_students, shape_record
-from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
+from tinyclip_ds.models.config import StudentConfig, StudentTowerConfig, TeacherConfig
+from tinyclip_ds.models.students import build_students, shape_record
+from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.models.transformer import Request
 from tinyclip_ds.recipe import load_recipe
 

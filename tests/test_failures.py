@@ -4,6 +4,7 @@ image stops the run with an error naming it; partly unreadable data trains and i
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -26,7 +27,7 @@ HANG = 240  # seconds after which a run that should have ended counts as hung
 
 def digit_files(folder, count: int) -> list[str]:
     """Write ``count`` demo digit images as PNG files; their names."""
-    from tinyclip_ds.demo.data import digit_images
+    from tinyclip_ds.data.digits import digit_images
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -95,6 +96,33 @@ def test_partly_unreadable_pairs_train_and_are_counted_per_reason(tmp_path):
     assert [value for _, value in scalars["train/skipped_samples"]] == [2, 4, 6, 8]
     assert "skipped 8 (" in result.stdout and "zero_byte 4" in result.stdout
     assert len(scalars["loss/total"]) == 4
+
+
+def test_the_sample_log_keeps_a_skipped_try_apart_from_the_step(tmp_path):
+    """train.log_samples writes what every optimizer step used: a try that was not applied
+    (here: one of its two micro-batches held no readable image) is its own line, marked so, and
+    its samples are not added to the next step's."""
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    zero_byte_files(bad, 40)
+    digit_files(good, 8)
+    run_dir = tmp_path / "run"
+    result = launch("stage1_image", *FAST, "--set", f"run_dir={run_dir}", "--set", "train.steps=6",
+                    "--set", "train.micro_batch=4", "--set", "train.accumulation=2", "--set", "train.log_samples=true",
+                    "--set", f"data.images=[{bad}, {good}]", timeout=HANG)
+    assert "done: 6 steps" in result.stdout
+    lines = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    applied = [line for line in lines if "applied" not in line]
+    tries = [line for line in lines if line.get("applied", True) is False]
+    assert [line["step"] for line in applied] == [1, 2, 3, 4, 5, 6]
+    assert tries and all(line["reason"] == "unusable" for line in tries), lines
+    assert any(line["samples"] for line in tries), "the seed's order was expected to skip a try with readable images"
+    for skipped in tries:  # written before the step it was a try at
+        assert lines.index(skipped) < lines.index(applied[skipped["step"] - 1])
+    # Every line is one try of 2 × 4 samples: the readable ones it lists plus the skipped ones.
+    scalars, _ = read_tensorboard(run_dir)
+    skipped_samples = scalars["train/skipped_samples"][-1][1]
+    assert sum(len(line["samples"]) for line in lines) + skipped_samples == 8 * len(lines)
+    assert all(min(line["samples"], default=40) >= 40 for line in lines)  # the empty files are never listed
 
 
 def fsize_limit(limit: int):
@@ -192,7 +220,8 @@ def test_a_worker_never_outlives_an_exiting_rank_for_long(tmp_path):
 def test_stage2_objective_on_an_empty_batch_is_zero_not_a_division_by_zero():
     import torch
 
-    from tinyclip_ds.distill.objectives import LossConfig, Stage2Objective
+    from tinyclip_ds.distill.config import LossConfig
+    from tinyclip_ds.distill.objectives import Stage2Objective
     from tinyclip_ds.train.contrastive import Features
 
     objective = Stage2Objective(LossConfig(contrastive=1.0, affinity=1.0, fd=1.0))

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data import sources
+from tinyclip_ds.data import decode
 from tinyclip_ds.data.hf import HFSource
 from tinyclip_ds.data.hf_layout import is_hf_spec
 
@@ -136,8 +136,8 @@ def test_bad_rows_give_reasons(tmp_path):
     image_reasons, caption_reasons = reasons(part)
     assert image_reasons == Counter({"not_an_image": 1, "truncated": 1, "zero_byte": 1, "no_image": 1})
     assert caption_reasons == Counter({"empty_caption": 2, "missing_caption": 1, "long_caption": 1})
-    assert set(image_reasons) <= set(sources.SKIP_REASONS)
-    assert set(caption_reasons) <= set(sources.CAPTION_SKIP_REASONS)
+    assert set(image_reasons) <= set(decode.SKIP_REASONS)
+    assert set(caption_reasons) <= set(decode.CAPTION_SKIP_REASONS)
     assert np.array_equal(pixels(part.load(0)), pixels(good))
 
 

@@ -4,7 +4,7 @@ Layers are the top-level modules and packages of `tinyclip_ds` (models, data, di
 train, demo, recipe, ...). Every import statement counts, wherever it is: module level, inside a
 function (a lazy import is still a dependency), under ``if TYPE_CHECKING``, relative or absolute.
 A module reached through an import is followed to what it imports in turn, so a lower layer
-cannot reach a higher one through a third package (data → demo → models); modules of the
+cannot reach a higher one through a third package (data → export → models); modules of the
 checked layer itself are not followed, they are checked on their own.
 """
 
@@ -20,7 +20,7 @@ EVERY_OTHER_LAYER = frozenset({"*"})
 FORBIDDEN = {
     "models": frozenset({"train", "eval", "data", "distill", "recipe", "demo", "cli", "export", "summary",
                          "launch", "progress"}),  # models run no long jobs: no progress bars
-    "data": frozenset({"models", "eval", "train", "distill", "recipe"}),
+    "data": frozenset({"models", "eval", "train", "distill", "recipe", "demo"}),
     "distill": frozenset({"train", "eval", "data", "recipe"}),
     "eval": frozenset({"train"}),
     "distributed": EVERY_OTHER_LAYER,
@@ -119,11 +119,11 @@ def test_no_lower_layer_imports_a_higher_one():
 
 
 def test_the_package_is_read_with_its_lazy_and_relative_imports():
-    """The real package gives the checker something to check: the lazy demo import of the data
-    layer and the models' own imports are seen."""
+    """The real package gives the checker something to check: the mixture's lazy import of the
+    Hugging Face reader (inside a function) and the models' own imports are seen."""
     modules = module_files(PROJECT_ROOT / "tinyclip_ds")
-    sources = imports_of("tinyclip_ds.data.sources", modules["tinyclip_ds.data.sources"], modules)
-    assert "tinyclip_ds.demo.data" in {imported for _, imported in sources}
+    mixture = imports_of("tinyclip_ds.data.mixture", modules["tinyclip_ds.data.mixture"], modules)
+    assert "tinyclip_ds.data.hf" in {imported for _, imported in mixture}
     students = imports_of("tinyclip_ds.models.students", modules["tinyclip_ds.models.students"], modules)
     assert {"tinyclip_ds.models.layer_map", "tinyclip_ds.config"} <= {imported for _, imported in students}
 
@@ -148,19 +148,24 @@ def test_violations_are_reported_with_file_line_and_module(tmp_path):
         "train/loop.py": "from pkg.models import tower\n",
         "data/__init__.py": "",
         "data/sources.py": "def demo():\n    from pkg.demo import digits\n",
+        "data/shards.py": "def save():\n    from pkg.export import writer\n",
         "demo/__init__.py": "",
-        "demo/digits.py": "import numpy\n\nimport pkg.models.tower\n",
+        "demo/digits.py": "import numpy\n",
+        "export/__init__.py": "",
+        "export/writer.py": "import numpy\n\nimport pkg.models.tower\n",
         "distributed.py": "from . import config\n",
     })
     problems = layer_violations(package, FORBIDDEN)
     assert problems == [
-        "pkg/data/sources.py:2 imports pkg.demo.digits → pkg/demo/digits.py:3 imports pkg.models.tower: "
+        "pkg/data/shards.py:2 imports pkg.export.writer → pkg/export/writer.py:3 imports pkg.models.tower: "
         "data must not import models",
+        "pkg/data/sources.py:2 imports pkg.demo.digits: data must not import demo",
         "pkg/distributed.py:1 imports pkg.config: distributed must not import config",
         "pkg/models/tower.py:5 imports pkg.train.loop: models must not import train",
     ]
 
     (package / "models" / "tower.py").write_text("import torch\n")
-    (package / "demo" / "digits.py").write_text("import numpy\n")
+    (package / "export" / "writer.py").write_text("import numpy\n")
+    (package / "data" / "sources.py").write_text("import numpy\n")
     (package / "distributed.py").write_text("import os\n")
     assert layer_violations(package, FORBIDDEN) == []

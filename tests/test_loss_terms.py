@@ -1,20 +1,25 @@
-"""The table of loss terms (distill/terms.py) is the one place a term is registered: the config,
-both objectives and recipe validation all follow it."""
+"""The table of loss terms (distill/config.py) is the one place a term is declared, and
+distill/terms.py implements each declared term once, by name: the config, both objectives and
+recipe validation all follow them."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tinyclip_ds.config import RecipeError
+from tinyclip_ds.distill import config as config_module
 from tinyclip_ds.distill import terms as terms_module
-from tinyclip_ds.distill.objectives import LossConfig, Stage1Objective, Stage2Objective
-from tinyclip_ds.distill.terms import TERMS, Term, active_terms
+from tinyclip_ds.distill.config import TERMS, LossConfig, Term, active_terms, weight
+from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective
+from tinyclip_ds.distill.terms import IMPLEMENTATIONS, Implementation
 from tinyclip_ds.models.transformer import Request, TowerShape, VisionTower
-from tinyclip_ds.recipe import RANGES, load_recipe, validate
+from tinyclip_ds.recipe import load_recipe, validate
 
 
 def weight_fields() -> set[str]:
@@ -27,13 +32,32 @@ def test_every_weight_field_has_a_row_and_every_row_a_field():
     assert all(name == term.name for name, term in TERMS.items())
 
 
+def test_every_declared_term_has_one_implementation_and_every_implementation_a_row():
+    assert set(IMPLEMENTATIONS) == set(TERMS)
+    assert all(callable(implementation.compute) for implementation in IMPLEMENTATIONS.values())
+
+
+def test_the_declarations_need_no_torch_and_the_implementations_no_objectives():
+    """Recipe validation reads the declarations without torch; the objectives import the
+    implementations, never the other way round (not even for type hints)."""
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        return ({alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+                | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)})
+
+    assert not {name for name in imported(config_module) if name.split(".")[0] == "torch"}
+    assert "tinyclip_ds.distill.objectives" not in imported(terms_module)
+
+
 def test_every_row_is_well_formed():
     flags = {f.name for f in dataclasses.fields(Request) if f.type in (bool, "bool")}
     for name, term in TERMS.items():
         assert term.stage in ("stage1", "stage2"), name
         assert set(term.towers) <= {"image", "text"} and term.towers, name
         assert set(term.request) <= flags, name
-        assert RANGES[f"loss.{name}"].low == 0 and -1.0 not in RANGES[f"loss.{name}"], name
+        weight_range = LossConfig.__dataclass_fields__[name].metadata["range"]
+        assert weight_range.low == 0 and -1.0 not in weight_range, name
 
 
 def test_active_terms_follow_the_table_order_and_the_stage():
@@ -46,8 +70,8 @@ def test_active_terms_follow_the_table_order_and_the_stage():
 class ProbeLoss(LossConfig):
     """LossConfig with the weight fields of the synthetic rows below."""
 
-    probe: float = 0.0
-    probe2: float = 0.0
+    probe: float = weight("the probe")
+    probe2: float = weight("the second probe")
 
 
 def _probe(o, s, t, mask_seed):
@@ -56,13 +80,14 @@ def _probe(o, s, t, mask_seed):
 
 @pytest.fixture
 def probe_rows(monkeypatch):
-    """Two terms that exist only as rows of the table: an image-only stage-1 term asking for
+    """Two terms that exist only as rows of the tables: an image-only stage-1 term asking for
     hidden states, and a stage-2 term asking for student tokens and no teacher."""
-    monkeypatch.setitem(TERMS, "probe", Term("probe", "stage1", _probe, request=("hidden",), towers=("image",),
+    monkeypatch.setitem(TERMS, "probe", Term("probe", "stage1", request=("hidden",), towers=("image",),
                                              one_to_one="tokens"))
-    monkeypatch.setitem(TERMS, "probe2", Term("probe2", "stage2", lambda b: b.s.image_tokens[b.rows].mean(),
-                                              request=("tokens",), teacher=False))
-    assert terms_module.TERMS is TERMS
+    monkeypatch.setitem(IMPLEMENTATIONS, "probe", Implementation(_probe))
+    monkeypatch.setitem(TERMS, "probe2", Term("probe2", "stage2", request=("tokens",), teacher=False))
+    monkeypatch.setitem(IMPLEMENTATIONS, "probe2", Implementation(lambda b: b.s.image_tokens[b.rows].mean()))
+    assert config_module.TERMS is TERMS and terms_module.IMPLEMENTATIONS is IMPLEMENTATIONS
 
 
 def test_a_row_alone_drives_the_stage1_objective(probe_rows):

@@ -19,7 +19,8 @@ from conftest import launch
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.datasets import PairDataset, TextDataset
-from tinyclip_ds.data.mixture import training_mixture
+from tinyclip_ds.data.mixture import Mixture, Part, read_part, training_mixture
+from tinyclip_ds.data.sources import TextTable
 from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, train_loader
 from tinyclip_ds.data.transforms import eval_transform
@@ -78,6 +79,33 @@ def test_a_mixture_reads_each_source_and_says_what_it_holds(sources, tmp_path):
         assert mixture.source_of(index) == sources[index >= SHARD_SAMPLES]
     images_only = training_mixture("images", DataConfig(images=sources, index_cache=str(tmp_path)))
     assert images_only.sizes == [SHARD_SAMPLES + 1, HF_ROWS]  # the caption-less sample has an image
+
+
+def test_every_reader_is_a_part(sources, tmp_path):
+    """One part of each reader, read by its spec as training reads it: each is a `Part`, named by
+    its spec from the start, and says which sample it means in messages."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.png").write_bytes(png(5))
+    (tmp_path / "pairs.csv").write_text("filepath,title\nfolder/a.png,five\n")
+    (tmp_path / "captions.txt").write_text("five\nsix\n")
+    data = DataConfig(index_cache=str(tmp_path))
+    read = {(str(tmp_path / "folder"), "images"): str(tmp_path / "folder" / "a.png"),
+            (str(tmp_path / "pairs.csv"), "pairs"): str(tmp_path / "folder" / "a.png"),
+            (str(tmp_path / "captions.txt"), "captions"): f"{tmp_path / 'captions.txt'} #0",
+            (sources[0], "pairs"): f"00000.tar/000000000 of {sources[0]}",
+            (sources[1], "pairs"): f"hf/0 of {sources[1]}",
+            ("demo:digits", "images"): "demo:digits #0"}
+    parts = []
+    for (spec, kind), first in read.items():
+        part = read_part(spec, kind, data, key="data.x")
+        assert isinstance(part, Part), type(part)
+        assert part.spec == spec and len(part) > 0 and part.describe(0) == first and part.summary()
+        parts.append(part)
+    assert {type(part).__name__ for part in parts} == {"ImageSource", "PairSource", "CaptionList", "ShardSet",
+                                                       "HFSource"}
+    mixture = Mixture(parts)
+    assert [mixture.describe(start) for start in mixture.starts] == list(read.values())
+    assert not isinstance(TextTable(["five"]), Part)  # the check fails for what is not a reader
 
 
 def test_stage_one_reads_half_of_a_pairs_file(tmp_path):

@@ -17,7 +17,9 @@ import torch
 
 from conftest import launch, read_tensorboard
 from tinyclip_ds.export import export_weights, load_student_weights
-from tinyclip_ds.train.checkpoint import UNIVERSAL, complete_checkpoints, consolidated_state_dict, tag_for
+from tinyclip_ds.train.checkpoint import complete_checkpoints, tag_for
+from tinyclip_ds.train.consolidate import consolidated_state_dict
+from tinyclip_ds.train.universal import UNIVERSAL
 
 K = 3  # saved at step K, compared over steps K+1 … 2K
 FAST = ["--set", "train.micro_batch=4", "--set", "train.global_batch=8", "--set", "train.accumulation=0",

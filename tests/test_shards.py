@@ -28,7 +28,7 @@ from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data import shards
 from tinyclip_ds.data.shards import (INDEX_DTYPE, INDEX_SKIP_REASONS, ShardSet, fake_index,
                                      is_shard_spec, shard_paths)
-from tinyclip_ds.data.sources import CAPTION_SKIP_REASONS, SKIP_REASONS
+from tinyclip_ds.data.decode import CAPTION_SKIP_REASONS, SKIP_REASONS
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 

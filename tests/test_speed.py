@@ -152,7 +152,8 @@ def test_checkpoint_student_weights_are_used(tmp_path):
     """A checkpoint directory brings its recipe and its student weights (here a ZeRO-0
     checkpoint as the engine saves it: the whole module under ``module``)."""
     from tinyclip_ds.speed import resolve_source
-    from tinyclip_ds.train.checkpoint import MARKER, RECIPE
+    from tinyclip_ds.train.checkpoint import MARKER
+    from tinyclip_ds.train.records import RECIPE
 
     recipe = load_recipe(DEMO_STAGE2)
     towers, _ = build_models(recipe)

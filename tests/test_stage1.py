@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import launch, read_metrics, read_tensorboard
-from tinyclip_ds.train.checkpoint import complete_checkpoints, consolidated_state_dict
+from tinyclip_ds.train.checkpoint import complete_checkpoints
+from tinyclip_ds.train.consolidate import consolidated_state_dict
 
 FAST = ["--set", "train.micro_batch=16", "--set", "train.warmup_steps=1", "--set", "train.lr=2e-3",
         "--set", "eval.batch_size=64", "--set", "train.log_every=1", "--set", "data.num_workers=0"]
@@ -67,7 +68,7 @@ def test_demo_trains_logs_evaluates_checkpoints_and_resumes(tmp_path, stage, ran
 
 
 def test_unreadable_image_is_skipped_and_counted(tmp_path):
-    from tinyclip_ds.demo.data import digit_images
+    from tinyclip_ds.data.digits import digit_images
 
     folder = tmp_path / "images" / "nested"
     folder.mkdir(parents=True)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError, build, load_yaml_tree
 from tinyclip_ds.models import layer_map
-from tinyclip_ds.models.students import (StudentConfig, StudentTowerConfig, build_student, build_students,
-                                         student_shape, student_shapes, tower_of)
+from tinyclip_ds.models.config import StudentConfig, StudentTowerConfig
+from tinyclip_ds.models.students import build_student, build_students, student_shape, student_shapes, tower_of
 from tinyclip_ds.models.students import shape_differences, shape_record, tower_from_record
 from tinyclip_ds.models.transformer import Clip, Request, TowerShape
 from tinyclip_ds.recipe import Recipe

@@ -26,10 +26,10 @@ from transformers import CLIPConfig, CLIPModel
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.models.tokenizer import ClipTokenizer, HfClipTokenizer
+from tinyclip_ds.models.config import TeacherConfig
 from tinyclip_ds.models.teachers import (
     CheckpointMismatchError,
     Teacher,
-    TeacherConfig,
     load_hf,
     load_open_clip,
     load_openai,

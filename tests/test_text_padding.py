@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyclip_ds.distill.objectives import LossConfig, Stage1Objective
-from tinyclip_ds.distill.terms import TERMS
+from tinyclip_ds.distill.config import TERMS, LossConfig
+from tinyclip_ds.distill.objectives import Stage1Objective
 from tinyclip_ds.models.transformer import TextTower, TowerShape
 
 VOCAB, CONTEXT = 60, 20

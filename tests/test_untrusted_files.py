@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from conftest import launch
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.models.teachers import TeacherConfig, load_teacher, read_torchscript
-from tinyclip_ds.train.checkpoint import (complete_checkpoints, consolidated_state_dict, rng_state,
-                                          set_rng_state)
+from tinyclip_ds.models.config import TeacherConfig
+from tinyclip_ds.models.teachers import load_teacher, read_torchscript
+from tinyclip_ds.train.checkpoint import complete_checkpoints
+from tinyclip_ds.train.consolidate import consolidated_state_dict
+from tinyclip_ds.train.rng import rng_state, set_rng_state
 from test_teacher_equivalence import (SMALL_OPENAI, assert_matches_open_clip, open_clip_library,
                                       save_torchscript)
 

@@ -11,7 +11,8 @@ import threading
 from typing import NoReturn
 
 from tinyclip_ds.config import RecipeError, describe
-from tinyclip_ds.recipe import STAGES, Recipe, check_paths, check_run_dir, load_recipe
+from tinyclip_ds.recipe import Recipe, check_paths, check_run_dir, load_recipe
+from tinyclip_ds.stages import STAGES
 
 
 def positive_int(text: str, name: str = "the value") -> int:
@@ -50,7 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     world = args.world_size or positive_int(os.environ.get("WORLD_SIZE", "1"), "$WORLD_SIZE")
-    ds = build_ds_config(recipe.ds_config, recipe.deepspeed, recipe.train, world,
+    # --no-paths is the quick check: DeepSpeed's own checks import DeepSpeed and torch (seconds).
+    ds = build_ds_config(recipe.ds_config, recipe.deepspeed, recipe.train, world, check_deepspeed=not args.no_paths,
                          check_accelerator=not args.skip_accelerator_check)
     if not args.no_paths:
         check_run_dir(recipe)
@@ -59,7 +61,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"# world size {world}: micro batch {ds['train_micro_batch_size_per_gpu']} × "
           f"accumulation {ds['gradient_accumulation_steps']} × world {world} = "
           f"global batch {ds['train_batch_size']}")
-    print(f"# DeepSpeed config: {recipe.ds_config} (ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)})")
+    print(f"# DeepSpeed config: {recipe.ds_config} (ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)})"
+          + ("; keys and values not checked by DeepSpeed (--no-paths)" if args.no_paths else ""))
     print("# paths: not checked (--no-paths)" if args.no_paths else
           "# paths: teacher, data, evaluation sets and init_from exist and are readable")
     print(f"# recipe OK: {recipe.name} ({recipe.stage}), run directory {recipe.output_dir.absolute()}")
@@ -99,11 +102,12 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (what --resume does by itself
     when the number of ranks changes); the result is cached in CHECKPOINT/universal."""
     from tinyclip_ds.train import checkpoint
+    from tinyclip_ds.train.universal import convert_to_universal
 
     path = checkpoint.find_checkpoint(args.checkpoint)
     if path is None:
         raise RecipeError(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
-    print(f"universal checkpoint: {checkpoint.convert_to_universal(path, workers=args.workers)}")
+    print(f"universal checkpoint: {convert_to_universal(path, workers=args.workers)}")
     return 0
 
 
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(to check a GPU recipe on a CPU machine)")
     check.add_argument("--no-paths", action="store_true",
                        help="do not check that the teacher, data, evaluation sets, init_from and run "
-                            "directory exist (e.g. on a login node without the data)")
+                            "directory exist, nor let DeepSpeed check its config: a check in a second, "
+                            "without the files and without importing torch (e.g. on a login node)")
     check.set_defaults(func=cmd_check)
 
     recipe = sub.add_parser("recipe", parents=[debug], help=cmd_recipe.__doc__,
@@ -207,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[debug], help=cmd_train.__doc__,
                            description=cmd_train.__doc__)
-    train.add_argument("--stage", choices=STAGES, required=True)
+    train.add_argument("--stage", choices=list(STAGES), required=True)
     _add_recipe_args(train, required=False)
     train.add_argument("--resume", default=None, metavar="auto|PATH|TAG",
                        help="continue from a checkpoint: auto = the newest complete one of the run")
@@ -262,10 +267,37 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--out", default=None, help="also write the report as JSON to this file")
     speed.set_defaults(func=cmd_speed)
 
-    from tinyclip_ds.evaluate import add_arguments as add_eval_arguments
-
     evaluate = sub.add_parser("eval", parents=[debug], help=cmd_eval.__doc__, description=cmd_eval.__doc__)
-    add_eval_arguments(evaluate)
+    evaluate.add_argument("model", help="a run or checkpoint directory, a tinyclip .safetensors file, or an "
+                                        "exported open_clip or transformers directory")
+    evaluate.add_argument("--checkpoint", default="auto", metavar="TAG|PATH",
+                          help="for a run directory: a tag (step_00000100), a path, or auto = the newest complete one")
+    evaluate.add_argument("--data", default="", metavar="SPEC",
+                          help="retrieval set: COCO captions .json, .csv/.tsv, a Karpathy split file "
+                               "(dataset_coco.json / dataset_flickr30k.json) or demo:digit_pairs")
+    evaluate.add_argument("--image-root", default="", help="folder the --data image paths are relative to "
+                                                           "(default: as eval.image_root, the file's own folder)")
+    evaluate.add_argument("--split", default=None, help="Karpathy split files: which split (default: test); "
+                          "Hugging Face datasets of several splits: which split (default: the only one)")
+    evaluate.add_argument("--csv-image-key", default="filepath", help="--data .csv/.tsv: image path column")
+    evaluate.add_argument("--csv-caption-key", default="title", help="--data .csv/.tsv: caption column")
+    evaluate.add_argument("--zeroshot", default="", metavar="FOLDER",
+                          help="zero-shot set: a folder with one sub-folder per class (ImageNet layout) or demo:digits")
+    evaluate.add_argument("--classnames", default=None, metavar="FILE",
+                          help="class names, one a line in sorted-folder order (default: classnames.txt in the "
+                               "folder, open_clip's ImageNet names for 1000 classes, else the folder names)")
+    evaluate.add_argument("--templates", default=None, metavar="FILE",
+                          help="prompt templates with one {} each, one a line (default: the set's own, open_clip's "
+                               "80 OpenAI ImageNet templates for 1000 classes, else a generic CLIP set)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="per rank (results do not depend on it)")
+    evaluate.add_argument("--no-teacher", action="store_true", help="do not evaluate the run's teacher alongside")
+    evaluate.add_argument("--out", default=None, metavar="FILE",
+                          help="JSON report (default: eval_<name>.json beside MODEL, else in the current folder)")
+    evaluate.add_argument("--plots", default=None, metavar="DIR", help="write retrieval_<model>.png grids here")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                          help="without a launcher: where to run (auto = cuda if available)")
+    evaluate.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                          help="set by DeepSpeed's launcher; the rank is read from the environment")
     evaluate.set_defaults(func=cmd_eval)
 
     from tinyclip_ds.prepare import KINDS, cli_default_workers

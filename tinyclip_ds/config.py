@@ -7,6 +7,8 @@ how to fill such a tree from dictionaries and how to complain precisely when it 
 - ``base: other.yaml`` (or a list of files) inherits from other recipes or fragments, paths
   relative to the including file; later bases and the file itself override earlier ones.
 - ``--set a.b.c=value`` overrides one field; the value is parsed to the field's type.
+- Every field declares its default, help and valid values in its own `option(...)`: a range
+  for every int and float (`check_ranges`), choices for a str whose values come from a table.
 - Every error names the dotted key, where it came from and what would be valid.
 """
 
@@ -30,21 +32,11 @@ class RecipeError(ValueError):
     """A recipe (or an override) that cannot be turned into a valid configuration."""
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line description shown by ``tinyclip-ds recipe``."""
-    if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: dataclasses.replace(default),
-                                 metadata={"help": help})
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts: ``low``/``high`` bounds (None = unbounded), each
-    inclusive unless ``open_low``/``open_high``; ``note`` says what special values mean."""
+    inclusive unless ``open_low``/``open_high``; ``note`` says what special values mean. A float
+    must also be finite, so ``Range()`` accepts any finite value."""
 
     low: float | None = None
     high: float | None = None
@@ -59,14 +51,40 @@ class Range:
             return False
         return self.high is None or (value < self.high if self.open_high else value <= self.high)
 
-    def __str__(self) -> str:
+    @property
+    def bounds(self) -> str:
+        """``>= 0``, ``> 0``, ``<= 1`` or ``in [0, 1)``; '' when unbounded."""
+        if self.low is None and self.high is None:
+            return ""
         if self.high is None:
-            bound = f"{'>' if self.open_low else '>='} {self.low}"
-        elif self.low is None:
-            bound = f"{'<' if self.open_high else '<='} {self.high}"
-        else:
-            bound = f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
-        return f"{bound} ({self.note})" if self.note else bound
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.open_high else '<='} {self.high}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+    def __str__(self) -> str:
+        return f"{self.bounds} ({self.note})" if self.note else self.bounds
+
+
+def option(default: Any, help: str, range: Range | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a one-line description shown by ``tinyclip-ds recipe``.
+
+    ``range``: the values an int or float field accepts, which every int and float field must
+    declare (`check_ranges`); ``Range()`` says deliberately that any finite value is accepted.
+    ``choices``: the values a str field accepts, for values that come from a table (a fixed set
+    is a ``Literal`` type).
+    """
+    metadata = {"help": help}
+    if range is not None:
+        metadata["range"] = range
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- YAML loading
@@ -192,7 +210,7 @@ def _type_at(schema: type, parts: list[str], dotted: str) -> Any:
         if part not in fields:
             prefix = ".".join(parts[:i])
             raise unknown_key_error(dotted, "--set", schema, prefix, list(fields))
-        hint = typing.get_type_hints(cls)[part]
+        hint = field_types(cls)[part]
         if _is_mapping(hint):
             return _FREE_FORM
         if i == len(parts) - 1:
@@ -248,7 +266,7 @@ def build(schema: type, tree: dict, origins: dict | None = None, prefix: str = "
     origins = origins or {}
     root = root or schema
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
+    hints = field_types(schema)
     kwargs = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -264,6 +282,14 @@ def build(schema: type, tree: dict, origins: dict | None = None, prefix: str = "
         else:
             kwargs[key] = check_value(value, hint, dotted, origin_of(dotted, origins))
     return schema(**kwargs)
+
+
+def field_types(schema: type) -> dict[str, Any]:
+    """The type of each field of the dataclass ``schema`` as a recipe value: its annotation or,
+    for a field with ``choices``, the Literal of them (parsed, checked and described alike)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: Literal[f.metadata["choices"]] if "choices" in f.metadata else hints[f.name]
+            for f in dataclasses.fields(schema)}
 
 
 def check_value(value: Any, hint: Any, key: str, origin: str) -> Any:
@@ -385,6 +411,35 @@ def unknown_key_error(dotted: str, origin: str, root: type, section: str,
     return RecipeError(f"unknown recipe key '{dotted}' (from {origin}){hint}")
 
 
+# --------------------------------------------------------------------------- ranges
+
+def numeric_fields(obj: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field, float]]:
+    """``(dotted key, field, value)`` of every int and float field of a config tree."""
+    found = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += numeric_fields(value, f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float):
+            found.append((prefix + f.name, f, value))
+    return found
+
+
+def check_ranges(obj: Any, origins: dict) -> None:
+    """Refuse any int or float field of a config tree outside the range its `option` declares
+    (a float must also be finite); the error names the key and the file that set it."""
+    for key, f, value in numeric_fields(obj):
+        if "range" not in f.metadata:
+            raise TypeError(f"the numeric field '{key}' declares no range: give its option(...) a "
+                            f"range=Range(...), or range=Range() to accept any finite value")
+        rule = f.metadata["range"]
+        if value not in rule:
+            finite = "a finite number" if isinstance(value, float) else ""
+            requirement = " ".join(part for part in (finite, str(rule)) if part)
+            raise RecipeError(f"'{key}' ({origin_of(key, origins)}) must be {requirement}, got {value!r}")
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists, ready for YAML."""
     if dataclasses.is_dataclass(obj):
@@ -397,9 +452,10 @@ def to_dict(obj: Any) -> Any:
 
 
 def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """``(dotted key, type, default, help)`` for every field, for ``tinyclip-ds recipe``."""
+    """``(dotted key, type, default, help)`` for every field, for ``tinyclip-ds recipe``; the
+    type of a numeric field shows its range (``int >= 1``)."""
     rows = []
-    hints = typing.get_type_hints(schema)
+    hints = field_types(schema)
     defaults = schema()
     for f in dataclasses.fields(schema):
         hint = hints[f.name]
@@ -407,5 +463,7 @@ def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows += describe(hint, f"{prefix}{f.name}.")
         else:
             default = getattr(defaults, f.name)
-            rows.append((prefix + f.name, type_name(hint), repr(default), f.metadata.get("help", "")))
+            bounds = f.metadata["range"].bounds if "range" in f.metadata else ""
+            rows.append((prefix + f.name, f"{type_name(hint)} {bounds}".rstrip(), repr(default),
+                         f.metadata.get("help", "")))
     return rows

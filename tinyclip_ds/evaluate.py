@@ -31,7 +31,8 @@ from tinyclip_ds.data.hf_layout import is_hf_spec
 from tinyclip_ds.data.mixture import retrieval_pairs
 from tinyclip_ds.data.sources import PairSource, classification_source, text_lines
 from tinyclip_ds.data.transforms import eval_transform, to_rgb
-from tinyclip_ds.eval.evaluator import DEFAULT_TEMPLATES, EvalConfig, Evaluator, check_images
+from tinyclip_ds.eval.config import EvalConfig
+from tinyclip_ds.eval.evaluator import DEFAULT_TEMPLATES, Evaluator, check_images
 
 Encoder = Callable[[Tensor], Tensor]
 
@@ -76,8 +77,9 @@ def load_model(path: str, checkpoint: str, device: torch.device, with_teacher: b
         if (model / "config.json").is_file():
             return _hf_dir(model, device)
         from tinyclip_ds.train import checkpoint as ckpt
+        from tinyclip_ds.train.records import RECIPE
 
-        if (model / ckpt.RECIPE).is_file() or ckpt.is_complete(model) or model.parent.name == "checkpoints":
+        if (model / RECIPE).is_file() or ckpt.is_complete(model) or model.parent.name == "checkpoints":
             return _tinyclip_checkpoint(model, checkpoint, device, with_teacher)
     what = "does not exist" if not model.exists() else "is none of these"
     raise RecipeError(f"MODEL {path} {what}; eval accepts {ACCEPTED_MODELS}")
@@ -369,37 +371,3 @@ def _plot(evaluator: Evaluator, sides, who: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{who}: caption -> top-5 images (green: correct)"
     retrieval_grid(*evaluator.retrieval_examples(*sides), title=title).save(folder / f"retrieval_{who}.png")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``eval`` command's arguments."""
-    parser.add_argument("model", help="a run or checkpoint directory, a tinyclip .safetensors file, or an "
-                                      "exported open_clip or transformers directory")
-    parser.add_argument("--checkpoint", default="auto", metavar="TAG|PATH",
-                        help="for a run directory: a tag (step_00000100), a path, or auto = the newest complete one")
-    parser.add_argument("--data", default="", metavar="SPEC",
-                        help="retrieval set: COCO captions .json, .csv/.tsv, a Karpathy split file "
-                             "(dataset_coco.json / dataset_flickr30k.json) or demo:digit_pairs")
-    parser.add_argument("--image-root", default="", help="folder the --data image paths are relative to "
-                                                         "(default: as eval.image_root, the file's own folder)")
-    parser.add_argument("--split", default=None, help="Karpathy split files: which split (default: test); "
-                        "Hugging Face datasets of several splits: which split (default: the only one)")
-    parser.add_argument("--csv-image-key", default="filepath", help="--data .csv/.tsv: image path column")
-    parser.add_argument("--csv-caption-key", default="title", help="--data .csv/.tsv: caption column")
-    parser.add_argument("--zeroshot", default="", metavar="FOLDER",
-                        help="zero-shot set: a folder with one sub-folder per class (ImageNet layout) or demo:digits")
-    parser.add_argument("--classnames", default=None, metavar="FILE",
-                        help="class names, one a line in sorted-folder order (default: classnames.txt in the "
-                             "folder, open_clip's ImageNet names for 1000 classes, else the folder names)")
-    parser.add_argument("--templates", default=None, metavar="FILE",
-                        help="prompt templates with one {} each, one a line (default: the set's own, open_clip's "
-                             "80 OpenAI ImageNet templates for 1000 classes, else a generic CLIP set)")
-    parser.add_argument("--batch-size", type=int, default=64, help="per rank (results do not depend on it)")
-    parser.add_argument("--no-teacher", action="store_true", help="do not evaluate the run's teacher alongside")
-    parser.add_argument("--out", default=None, metavar="FILE",
-                        help="JSON report (default: eval_<name>.json beside MODEL, else in the current folder)")
-    parser.add_argument("--plots", default=None, metavar="DIR", help="write retrieval_<model>.png grids here")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="without a launcher: where to run (auto = cuda if available)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by DeepSpeed's launcher; the rank is read from the environment")

@@ -21,9 +21,9 @@ A sample's tar members, in this order:
 
 Members have a fixed mtime (0), owner and mode, and shards are written whole by one worker and
 renamed into place, so the same source gives byte-identical shards for any number of workers.
-A sample that cannot be used (an image `sources.load_image` refuses, or no non-empty caption)
-is skipped and counted per reason (keys of `sources.SKIP_REASONS` /
-`sources.CAPTION_SKIP_REASONS`); ``stats.json`` records the counts. Caption length is not
+A sample that cannot be used (an image `decode.load_image` refuses, or no non-empty caption)
+is skipped and counted per reason (keys of `decode.SKIP_REASONS` /
+`decode.CAPTION_SKIP_REASONS`); ``stats.json`` records the counts. Caption length is not
 limited here: the recipe's ``data.max_caption_chars`` applies when training reads the shards.
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data import sources
+from tinyclip_ds.data import decode, sources
 
 KINDS = ("pairs", "images", "captions")
 """What a prepared sample holds: image + captions, image only, caption only."""
@@ -77,7 +77,7 @@ class ShardTask:
     first: int
     path: str
     settings: Settings
-    entries: list[sources.ImageEntry | None]
+    entries: list[decode.ImageEntry | None]
     captions: list[list[str]] | None
     origins: list[str]
 
@@ -132,7 +132,7 @@ def default_kind(spec: str) -> str:
 
 def read_source(spec: str, kind: str, image_root: str = "", csv_image_key: str = "filepath",
                 csv_caption_key: str = "title"
-                ) -> tuple[list[sources.ImageEntry | None], list[list[str]] | None, list[str], str]:
+                ) -> tuple[list[decode.ImageEntry | None], list[list[str]] | None, list[str], str]:
     """The samples of ``spec`` for ``kind``, from the readers of `tinyclip_ds.data.sources`:
     ``(image entries, captions per sample, where each sample came from, reader summary)``.
     Entries are None for captions; captions are None for images. Errors are `RecipeError`."""
@@ -152,12 +152,12 @@ def read_source(spec: str, kind: str, image_root: str = "", csv_image_key: str =
         return list(images.entries), None, [_origin(e, spec, i) for i, e in enumerate(images.entries)], \
             images.summary()
     pairs = sources.pair_source(spec, image_root, csv_image_key, csv_caption_key, key=SOURCE_KEY)
-    entries: list[sources.ImageEntry | None] = list(pairs.entries)
+    entries: list[decode.ImageEntry | None] = list(pairs.entries)
     origins = [_origin(e, spec, i) for i, e in enumerate(pairs.entries)]
     return entries, (pairs.captions if kind == "pairs" else None), origins, pairs.summary()
 
 
-def _origin(entry: sources.ImageEntry, spec: str, index: int) -> str:
+def _origin(entry: decode.ImageEntry, spec: str, index: int) -> str:
     """Where a sample came from: its file, or ``spec#index`` for an image held in memory (demo)."""
     return str(entry) if isinstance(entry, Path) else f"{spec}#{index}"
 
@@ -181,14 +181,13 @@ def encode_sample(task: ShardTask, i: int) -> dict[str, bytes | str] | str:
     captions: list[str] = []
     if task.captions is not None:
         # Caption length is left to the recipe (data.max_caption_chars) when training reads them.
-        problems = [sources.caption_problem(c, sys.maxsize) for c in task.captions[i]]
-        captions = [c.strip() for c, problem in zip(task.captions[i], problems) if problem is None]
-        if not captions:
-            return next((p for p in problems if p), "missing_caption")
+        captions = decode.usable_captions(task.captions[i], sys.maxsize)
+        if isinstance(captions, str):
+            return captions  # why none is usable
         sample["txt"] = captions[0]
     entry = task.entries[i]
     if entry is not None:
-        image = sources.load_image(entry)
+        image = decode.load_image(entry)
         if isinstance(image, str):
             return image
         meta: dict[str, object] = {"key": key, "source": task.origins[i], "original_width": image.width,

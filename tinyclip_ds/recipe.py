@@ -1,44 +1,41 @@
 """The recipe: one tree of typed configs describing a whole run.
 
-Each section's dataclass lives next to the code it configures; this module assembles them,
-loads a YAML recipe (with ``base`` inheritance and ``--set`` overrides) and checks the
-cross-section rules that no single section can check on its own.
+Each section's dataclass lives next to the code it configures, in that package's torch-free
+``config`` module, and declares each field's default, help and valid range; this module
+assembles them, loads a YAML recipe (with ``base`` inheritance and ``--set`` overrides) and
+checks the cross-section rules that no single section can check on its own. Loading and
+validating a recipe imports neither torch nor DeepSpeed nor the model code
+(tests/test_check_imports.py); only the file checks of `check_paths` may.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Literal
 
 import yaml
 
-from tinyclip_ds.config import (PROJECT_ROOT, Range, RecipeError, apply_override, build, load_yaml_tree,
-                                option, origin_of, to_dict)
+from tinyclip_ds.config import (PROJECT_ROOT, Range, RecipeError, apply_override, build, check_ranges,
+                                load_yaml_tree, option, origin_of, to_dict)
 from tinyclip_ds.data import mixture, sources
 from tinyclip_ds.data.config import DataConfig
-from tinyclip_ds.distill.objectives import LossConfig
-from tinyclip_ds.distill.terms import TERMS
-from tinyclip_ds.eval.evaluator import EvalConfig, check_images, resolve_templates
-from tinyclip_ds.models.students import StudentConfig
-from tinyclip_ds.models.teachers import TeacherConfig, check_openai_options
-from tinyclip_ds.train.checkpoint import CheckpointConfig
-from tinyclip_ds.train.optim import TrainConfig
-
-STAGES = ("stage1_image", "stage1_text", "stage2")
+from tinyclip_ds.distill.config import TERMS, LossConfig
+from tinyclip_ds.eval.config import EvalConfig
+from tinyclip_ds.models.config import StudentConfig, TeacherConfig, check_openai_options
+from tinyclip_ds.stages import STAGES
+from tinyclip_ds.train.config import CheckpointConfig, TrainConfig
 
 
 @dataclass
 class Recipe:
     name: str = option("", "run name; '' = the recipe file's name")
-    stage: Literal["stage1_image", "stage1_text", "stage2"] = option(
-        "stage1_image", "what is trained: the image tower alone, the text tower alone, or both jointly")
+    stage: str = option("stage1_image", "what is trained: " + "; ".join(f"{name}, {stage.help}"
+                                                                         for name, stage in STAGES.items()),
+                        choices=tuple(STAGES))
     run_dir: str = option("", "where logs, metrics, checkpoints and the resolved recipe go; "
                               "'' = runs/<name>/")
-    seed: int = option(0, "seed of initialisation, data order and augmentation")
+    seed: int = option(0, "seed of initialisation, data order and augmentation", range=Range(0, 2**63 - 1))
     teacher: TeacherConfig = option(TeacherConfig(), "the frozen teacher")
     student: StudentConfig = option(StudentConfig(), "the student towers")
     data: DataConfig = option(DataConfig(), "training data")
@@ -57,7 +54,7 @@ class Recipe:
     @property
     def towers(self) -> tuple[str, ...]:
         """The student towers this stage trains."""
-        return {"stage1_image": ("image",), "stage1_text": ("text",), "stage2": ("image", "text")}[self.stage]
+        return STAGES[self.stage].towers
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False)
@@ -82,7 +79,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), stage: str |
         recipe.name = path.stem if path.parent.name in ("", ".", "recipes") else f"{path.parent.name}_{path.stem}"
     if stage is not None and recipe.stage != stage:
         raise RecipeError(f"{path} is a '{recipe.stage}' recipe but this launcher runs '{stage}'; "
-                          f"use launch/{recipe.stage}.sh or pick a {stage} recipe")
+                          f"use {STAGES[recipe.stage].launcher} or pick a {stage} recipe")
     validate(recipe, origins)
     return recipe
 
@@ -94,80 +91,11 @@ def demo_recipe_path(stage: str) -> Path:
     return PROJECT_ROOT / "recipes" / "demo" / f"{stage}.yaml"
 
 
-_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = Range(0), Range(1), Range(0, open_low=True)
-_TEACHERS = Range(0, note="0 = the teacher's")
-_TOWER_RANGES = {
-    "width": _TEACHERS, "layers": _AT_LEAST_1, "heads": _TEACHERS, "mlp_ratio": _POSITIVE,
-    "repeat": _AT_LEAST_1, "patch_size": _TEACHERS, "context_length": _TEACHERS, "output_dim": _TEACHERS,
-    "dropout": Range(0, 1, open_high=True),
-}
-RANGES: dict[str, Range] = {
-    "seed": Range(0, 2**63 - 1),
-    "teacher.image_heads": Range(0, note="0 = width / 64"),
-    "teacher.text_heads": Range(0, note="0 = width / 64"),
-    **{f"student.{tower}.{key}": rule for tower in ("image", "text") for key, rule in _TOWER_RANGES.items()},
-    "data.randaugment_ops": _AT_LEAST_0,
-    "data.randaugment_magnitude": Range(0, 30),
-    "data.num_workers": Range(0, note="0 = load in the training process"),
-    "data.max_caption_chars": _AT_LEAST_1,
-    **{f"loss.{term}": Range(0, note="0 = off") for term in TERMS},
-    "loss.rep_kl_temperature": _POSITIVE,
-    "loss.rep_relation_temperature": _POSITIVE,
-    "loss.relation_heads": Range(0, note="0 = the teacher's heads"),
-    "loss.vit_kd_alpha": _AT_LEAST_0,
-    "loss.vit_kd_beta": _AT_LEAST_0,
-    "loss.vit_kd_mask_ratio": Range(0, 1, open_high=True),
-    "loss.vit_kd_shallow_layers": _AT_LEAST_0,
-    "loss.logit_scale_init": _POSITIVE,
-    "loss.logit_scale_max": _POSITIVE,
-    "loss.affinity_logit_scale": _POSITIVE,
-    "loss.filip_topk": Range(0, note="0 = all"),
-    "loss.filip_chunk": _AT_LEAST_1,
-    "train.steps": _AT_LEAST_1,
-    "train.micro_batch": _AT_LEAST_1,
-    "train.accumulation": Range(0, note="0 = derived"),
-    "train.global_batch": Range(0, note="0 = derived"),
-    "train.lr": _AT_LEAST_0,
-    "train.min_lr": _AT_LEAST_0,
-    "train.warmup_steps": _AT_LEAST_0,
-    "train.weight_decay": _AT_LEAST_0,
-    "train.beta1": Range(0, 1, open_high=True),
-    "train.beta2": Range(0, 1, open_high=True),
-    "train.eps": _POSITIVE,
-    "train.log_every": _AT_LEAST_1,
-    "train.max_nonfinite": _AT_LEAST_1,
-    "train.max_unusable": _AT_LEAST_1,
-    "eval.every": Range(0, note="0 = at the end only"),
-    "eval.batch_size": _AT_LEAST_1,
-    "eval.heatmap_size": _AT_LEAST_1,
-    "checkpoint.every": Range(0, note="0 = at the end only"),
-    "checkpoint.keep_last": Range(0, note="0 = keep all"),
-}
-"""The values every numeric recipe field accepts (a float must also be finite)."""
-
-
-def numeric_fields(obj: object, prefix: str = "") -> list[tuple[str, float]]:
-    """``(dotted key, value)`` of every int and float field of a config tree."""
-    found = []
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            found += numeric_fields(value, f"{prefix}{f.name}.")
-        elif hints[f.name] in (int, float):
-            found.append((prefix + f.name, value))
-    return found
-
-
 def validate(recipe: Recipe, origins: dict | None = None) -> None:
     """Every check that needs neither files nor a model: value ranges and cross-section rules
     (file checks are `check_paths` and `check_run_dir`; model-dependent ones run at build time)."""
     origins = origins or {}
-    for key, value in numeric_fields(recipe):
-        rule = RANGES.get(key, Range())
-        if value not in rule:
-            finite = "a finite number " if isinstance(value, float) else ""
-            raise RecipeError(f"'{key}' ({origin_of(key, origins)}) must be {finite}{rule}, got {value!r}")
+    check_ranges(recipe, origins)
     check_openai_options(recipe.teacher)
     train = recipe.train
     if train.min_lr > train.lr:
@@ -181,20 +109,21 @@ def validate(recipe: Recipe, origins: dict | None = None) -> None:
         raise RecipeError(f"'name' = {recipe.name!r} ({origin_of('name', origins)}) must be a plain run "
                           f"name (the run goes to runs/<name>/), not a path out of runs/; to put the "
                           f"run elsewhere set 'run_dir'")
-    data_key = {"stage1_image": "images", "stage1_text": "captions", "stage2": "pairs"}[recipe.stage]
-    if not getattr(recipe.data, data_key):
-        raise RecipeError(f"a {recipe.stage} recipe needs training data in 'data.{data_key}'")
-    mixture.check_weights(recipe.data, data_key)
+    stage = STAGES[recipe.stage]
+    if not getattr(recipe.data, stage.data):
+        raise RecipeError(f"a {recipe.stage} recipe needs training data in 'data.{stage.data}'")
+    mixture.check_weights(recipe.data, stage.data)
     weights = {name: getattr(recipe.loss, name) for name in TERMS}
-    if recipe.stage != "stage2":
-        wrong = [name for name, term in TERMS.items() if term.stage == "stage2" and weights[name]]
-        if wrong:
-            raise RecipeError(f"{', '.join(f'loss.{t}' for t in wrong)} need paired data and both "
-                              f"towers: they are stage2 terms, not {recipe.stage} terms")
-        for name, term in TERMS.items():
-            if weights[name] and recipe.towers[0] not in term.towers:
-                raise RecipeError(f"'loss.{name}' applies to the {' and '.join(term.towers)} tower only; "
-                                  f"use it in a stage1_{term.towers[0]} recipe")
+    wrong = [name for name, term in TERMS.items() if weights[name] and term.stage not in stage.term_stages]
+    if wrong:
+        raise RecipeError(f"{', '.join(f'loss.{t}' for t in wrong)} need paired data and both "
+                          f"towers: they are stage2 terms, not {recipe.stage} terms")
+    for name, term in TERMS.items():
+        if weights[name] and not set(term.towers) & set(stage.towers):
+            fitting = [other.name for other in STAGES.values()
+                       if set(other.towers) <= set(term.towers) and term.stage in other.term_stages]
+            raise RecipeError(f"'loss.{name}' applies to the {' and '.join(term.towers)} tower only; "
+                              f"use it in a {' or '.join(fitting)} recipe")
     for name, term in TERMS.items():
         if weights[name] and term.in_batch and train.micro_batch < 2:
             raise RecipeError(f"'loss.{name}' compares the samples of a micro-batch with each other: "
@@ -220,9 +149,11 @@ def check_paths(recipe: Recipe) -> None:
     """Check that every file and folder the recipe reads exists and is readable: the teacher's
     files, the stage's training data, the evaluation sets and ``init_from`` (what ``check``
     does unless --no-paths). Raises a RecipeError naming the key and the path."""
+    from tinyclip_ds.eval.evaluator import check_images, resolve_templates  # torch: the full check only
+
     _check_teacher_paths(recipe.teacher)
     data, evaluation = recipe.data, recipe.eval
-    name = {"stage1_image": "images", "stage1_text": "captions", "stage2": "pairs"}[recipe.stage]
+    name = STAGES[recipe.stage].data
     # Building a source indexes it, which is the check. The shipped demo:* data has no path
     # (and takes seconds to build).
     specs = getattr(data, name)
@@ -237,7 +168,7 @@ def check_paths(recipe: Recipe) -> None:
         check_images(sources.classification_source(evaluation.zeroshot)[0], "eval.zeroshot")
     if evaluation.zeroshot and evaluation.templates != "default":
         resolve_templates(evaluation.templates, None)
-    if recipe.stage == "stage2":
+    if STAGES[recipe.stage].reads_init_from:
         for tower in recipe.towers:
             cfg = getattr(recipe.student, tower)
             if cfg.init_from and cfg.init_from_missing == "error":

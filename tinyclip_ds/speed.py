@@ -53,9 +53,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinyclip_ds.config import RecipeError
+from tinyclip_ds.models.config import TeacherConfig
 from tinyclip_ds.models.students import Tower, build_students, tower_of, tower_parameter_shapes
-from tinyclip_ds.models.teachers import (DEMO_TEACHER_PATH, PRECISIONS, TeacherConfig, load_teacher,
-                                         open_clip_config, open_clip_shapes)
+from tinyclip_ds.models.teachers import (DEMO_TEACHER_PATH, PRECISIONS, load_teacher, open_clip_config,
+                                         open_clip_shapes)
 from tinyclip_ds.models.transformer import Clip, VisionTower
 from tinyclip_ds.progress import progress
 from tinyclip_ds.recipe import Recipe, load_recipe
@@ -81,17 +82,18 @@ def resolve_source(source: str | Path, overrides: Sequence[str] = ()) -> tuple[R
     """``(recipe, checkpoint or None)`` of a recipe file, a run directory (its recipe.yaml) or a
     checkpoint directory (its recipe; its student weights are then used)."""
     from tinyclip_ds.train import checkpoint
+    from tinyclip_ds.train.records import RECIPE, recipe_of
 
     path = Path(source)
     if path.is_file():
         return load_recipe(path, list(overrides)), None
     if path.is_dir() and checkpoint.is_complete(path):
-        recipe_path = checkpoint.recipe_of(path)
+        recipe_path = recipe_of(path)
         if not recipe_path.is_file():
             raise RecipeError(f"{path}: a checkpoint without a recipe.yaml (neither its own nor its run's)")
         return load_recipe(recipe_path, list(overrides)), path
-    if path.is_dir() and (path / checkpoint.RECIPE).is_file():
-        return load_recipe(path / checkpoint.RECIPE, list(overrides)), None
+    if path.is_dir() and (path / RECIPE).is_file():
+        return load_recipe(path / RECIPE, list(overrides)), None
     raise RecipeError(f"{source}: not a recipe file, a run directory (with recipe.yaml) or a "
                       f"complete checkpoint directory")
 
@@ -151,9 +153,9 @@ def build_models(recipe: Recipe, teacher_shape: str | None = None,
 def load_checkpoint_students(path: Path, recipe: Recipe, towers: dict[str, Tower]) -> None:
     """Load the student towers a checkpoint holds (the recipe's stage's) into ``towers``."""
     from tinyclip_ds.export import student_state_dict
-    from tinyclip_ds.train import checkpoint
+    from tinyclip_ds.train.consolidate import consolidated_state_dict
 
-    weights = student_state_dict(checkpoint.consolidated_state_dict(path), recipe.stage)
+    weights = student_state_dict(consolidated_state_dict(path), recipe.stage)
     for kind in recipe.towers:
         prefix = kind + "."
         try:

@@ -10,8 +10,10 @@ import torch
 
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.distributed import init_distributed, shutdown
-from tinyclip_ds.eval.evaluator import EvalConfig, Evaluator
-from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
+from tinyclip_ds.eval.config import EvalConfig
+from tinyclip_ds.eval.evaluator import Evaluator
+from tinyclip_ds.models.config import TeacherConfig
+from tinyclip_ds.models.teachers import load_teacher
 
 
 def main() -> None:

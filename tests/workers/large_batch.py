@@ -14,14 +14,15 @@ import argparse
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-from tinyclip_ds.distill.objectives import LossConfig, Stage2Objective
+from tinyclip_ds.distill.config import LossConfig
+from tinyclip_ds.distill.objectives import Stage2Objective
 from tinyclip_ds.models.teachers import Teacher
 from tinyclip_ds.models.transformer import Clip, TextTower, TowerShape, VisionTower
 from tinyclip_ds.train.deepspeed_config import build_ds_config
 from tinyclip_ds.distributed import init_distributed, shutdown
+from tinyclip_ds.train.config import TrainConfig
 from tinyclip_ds.train.contrastive import Features, contrastive_step, direct_step
 from tinyclip_ds.train.engine import build_engine
-from tinyclip_ds.train.optim import TrainConfig
 from tinyclip_ds.train.stage2 import LogitScale, Stage2Student, tower_ids
 from tinyclip_ds.train.task import StepResult
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinyclip_ds.config import option
+from tinyclip_ds.config import Range, option
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DataConfig:
                                      "'' = the first of text, caption, txt, title, sentence, caption_text")
     split: str = option("train", "Hugging Face datasets saved as a DatasetDict: the split read")
     max_caption_chars: int = option(2000, "longer captions are skipped (counted as long_caption): scraped "
-                                          "page text, not a caption")
+                                          "page text, not a caption", range=Range(1))
     index_cache: str = option("", "where shard-set indexes are kept; '' = a .tinyclip_index folder beside "
                                   "the shards, or ~/.cache/tinyclip_ds/shard_index when that is not writable")
     image_root: str = option("", "folder that relative image paths in data.* pairs files (and path "
@@ -39,6 +39,7 @@ class DataConfig:
     csv_caption_key: str = option("title", "column of .csv/.tsv files holding the caption")
     randaugment: bool = option(True, "RandAugment without colour operations (colour operations hurt "
                                      "distillation)")
-    randaugment_ops: int = option(2, "RandAugment: operations applied per image")
-    randaugment_magnitude: int = option(9, "RandAugment: magnitude (0-30)")
-    num_workers: int = option(2, "data-loader worker processes per rank")
+    randaugment_ops: int = option(2, "RandAugment: operations applied per image", range=Range(0))
+    randaugment_magnitude: int = option(9, "RandAugment: magnitude (0-30)", range=Range(0, 30))
+    num_workers: int = option(2, "data-loader worker processes per rank",
+                              range=Range(0, note="0 = load in the training process"))

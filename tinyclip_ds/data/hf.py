@@ -32,7 +32,7 @@ by name unless given (`IMAGE_COLUMNS`, `CAPTION_COLUMNS`).
 
 Nothing is scanned per row at open, so a row's problems (undecodable image bytes, a missing
 image file, an empty caption) are found only when it is loaded, as a reason
-(`sources.SKIP_REASONS`, `sources.CAPTION_SKIP_REASONS`); ``skipped`` (rows left out while
+(`decode.SKIP_REASONS`, `decode.CAPTION_SKIP_REASONS`); ``skipped`` (rows left out while
 indexing) is therefore always empty. What opening does cost is Arrow's per-record-batch
 metadata, read for every batch of every mapped file: about 1.5 KB of RAM and ~10 us per batch
 and column view. `datasets` writes image datasets in batches of 100 rows, so 10^7 rows open in
@@ -57,7 +57,7 @@ from datasets.packaged_modules.parquet.parquet import Parquet
 from PIL import Image
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data import sources
+from tinyclip_ds.data import decode
 from tinyclip_ds.data.hf_layout import ACCEPTED, kind_of
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ _WARNINGS_PER_REASON = 20  # then quiet: the counts per reason are the record, n
 # --------------------------------------------------------------------------- the source
 
 class HFSource:
-    """One Hugging Face dataset as a part (the `mixture.Part` interface): row ``i`` is sample ``i``.
+    """One Hugging Face dataset as a `mixture.Part`: row ``i`` is sample ``i``.
 
     Nothing per row is checked at open (rows left out while indexing, ``skipped``, stay
     empty): a row whose image or caption cannot be used is found when loaded, and `load` /
@@ -148,9 +148,13 @@ class HFSource:
         """A name for row ``index`` in logs: ``<spec folder or file name>[/<split>]/<row>``."""
         return f"{self._name}/{index}"
 
+    def describe(self, index: int) -> str:
+        """Row ``index`` for a message: ``"<sample_id> of <spec>"``."""
+        return f"{self.sample_id(index)} of {self.spec}"
+
     def load(self, index: int) -> Image.Image | str:
         """The image of row ``index``, decoded, or the reason it cannot be used (a key of
-        `sources.SKIP_REASONS`); never raises for bad data."""
+        `decode.SKIP_REASONS`); never raises for bad data."""
         if self._images is None:
             raise ValueError(f"{self.spec} was opened without images (need did not hold 'image')")
         value = self._images[index][self.image_column]
@@ -159,15 +163,15 @@ class HFSource:
         if value is None or value == "":
             return self._bad(index, "no_image", "the image cell is empty")
         if isinstance(value, str):
-            return sources.load_image(self.image_root / value)  # warns once per file itself
-        decoded = sources.decode_image_bytes(value)
+            return decode.load_image(self.image_root / value)  # warns once per file itself
+        decoded = decode.decode_image_bytes(value)
         if isinstance(decoded, Image.Image):
             return decoded
         return self._bad(index, *decoded)
 
     def captions_of(self, index: int) -> list[str] | str:
         """The usable captions of row ``index`` (stripped; >= 1), or the reason it has none (a
-        key of `sources.CAPTION_SKIP_REASONS`). In a list of captions, unusable ones are left
+        key of `decode.CAPTION_SKIP_REASONS`). In a list of captions, unusable ones are left
         out and the row is skipped only when none is left (reason: the first one's)."""
         if self._captions is None:
             raise ValueError(f"{self.spec} was opened without captions (need did not hold 'text')")
@@ -176,11 +180,7 @@ class HFSource:
         except UnicodeDecodeError:  # Arrow does not validate every string it maps
             return "not_utf8"
         texts = [value] if self.caption_kind == "text" or value is None else value
-        problems = [sources.caption_problem(text, self.max_caption_chars) for text in texts]
-        usable = [text.strip() for text, problem in zip(texts, problems) if problem is None]
-        if usable:
-            return usable
-        return problems[0] if problems else "missing_caption"
+        return decode.usable_captions(texts, self.max_caption_chars)
 
     def summary(self) -> str:
         """One line: rows, where they come from, the columns read, and rows skipped while indexing."""
@@ -216,7 +216,7 @@ class HFSource:
         if _reported[reason] <= _WARNINGS_PER_REASON:
             more = " (further ones are counted, not logged)" if _reported[reason] == _WARNINGS_PER_REASON else ""
             log.warning("skipping image of %s (%s): %s%s", self.sample_id(index), reason,
-                        detail or sources.SKIP_REASONS.get(reason, ""), more)
+                        detail or decode.SKIP_REASONS.get(reason, ""), more)
         return reason
 
 

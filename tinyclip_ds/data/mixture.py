@@ -12,9 +12,8 @@ A spec (one item of ``data.images`` / ``data.captions`` / ``data.pairs``) is, by
 
 Shard sets and datasets are *paired* sources: stage 1 image reads their images, stage 1 text
 their captions, stage 2 both, and a sample missing what the stage needs is left out while
-indexing, counted per reason. Every part answers ``len()``, ``load(i)`` (an image or the
-reason it cannot be used) and ``captions_of(i)`` (its captions or a reason); `Mixture`
-concatenates them, and `order.GlobalOrder` decides how often each is drawn (``data.weights``).
+indexing, counted per reason. Every reader is a `Part`; `Mixture` concatenates a stage's parts,
+and `order.GlobalOrder` decides how often each is drawn (``data.weights``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -36,16 +35,27 @@ NEEDS = {"images": ("image",), "captions": ("text",), "pairs": ("image", "text")
 """What a sample must hold, by the data list a stage reads."""
 
 
+@runtime_checkable
 class Part(Protocol):
-    """One spec's samples, with random access."""
+    """One spec's samples, with random access: what every reader is (`sources.ImageSource`,
+    `sources.PairSource`, `CaptionList`, `shards.ShardSet`, `hf.HFSource`; tests/test_mixture.py
+    checks each) and what `Mixture` concatenates.
 
-    spec: str
-    skipped: Counter[str]  # samples left out while indexing, per reason
+    A sample that cannot be used is a reason (a key of `decode.SKIP_REASONS` for ``load``, of
+    `decode.CAPTION_SKIP_REASONS` for ``captions_of``), never an exception. A part read for
+    images only may refuse ``captions_of``, and one read for captions only ``load``: the stage
+    never asks."""
+
+    @property
+    def spec(self) -> str: ...  # the recipe spec it was read from
+    @property
+    def skipped(self) -> Counter[str]: ...  # samples left out while indexing, per reason
 
     def __len__(self) -> int: ...
     def load(self, index: int) -> Image.Image | str: ...
     def captions_of(self, index: int) -> list[str] | str: ...
-    def summary(self) -> str: ...
+    def describe(self, index: int) -> str: ...  # sample ``index`` for a message: its file or its id
+    def summary(self) -> str: ...  # one line for the run's log
 
 
 class CaptionList:
@@ -65,6 +75,9 @@ class CaptionList:
     def captions_of(self, index: int) -> list[str]:
         return [self.captions[index]]
 
+    def describe(self, index: int) -> str:
+        return f"{self.spec} #{index}"
+
     def summary(self) -> str:
         return f"{len(self)} captions"
 
@@ -73,7 +86,7 @@ class Mixture:
     """The concatenation of a stage's parts: global index ``i`` is sample ``i - starts[p]`` of
     part ``p``. Which indices training draws, and how often, is `order.GlobalOrder`'s business."""
 
-    def __init__(self, parts: Sequence[Any]) -> None:
+    def __init__(self, parts: Sequence[Part]) -> None:
         self.parts = list(parts)
         self.sizes = [len(part) for part in self.parts]
         self.starts = [sum(self.sizes[:p]) for p in range(len(self.parts))]
@@ -81,7 +94,7 @@ class Mixture:
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def locate(self, index: int) -> tuple[Any, int]:
+    def locate(self, index: int) -> tuple[Part, int]:
         """The part holding global ``index`` and the index within it."""
         p = bisect.bisect_right(self.starts, index) - 1
         return self.parts[p], index - self.starts[p]
@@ -103,9 +116,7 @@ class Mixture:
     def describe(self, index: int) -> str:
         """Sample ``index`` for a message: its file, or its id within its source."""
         part, local = self.locate(index)
-        if hasattr(part, "sample_id"):
-            return f"{part.sample_id(local)} of {part.spec}"
-        return str(part.entries[local]) if hasattr(part, "entries") else f"{part.spec} #{local}"
+        return part.describe(local)
 
     @property
     def skipped(self) -> Counter[str]:
@@ -121,7 +132,7 @@ class Mixture:
         return "\n".join([line, *lines])
 
 
-def read_part(spec: str, kind: str, data: DataConfig, key: str, split_key: str = "data.split") -> Any:
+def read_part(spec: str, kind: str, data: DataConfig, key: str, split_key: str = "data.split") -> Part:
     """The part a spec names, read for ``kind`` ("images", "captions" or "pairs"); ``split_key``
     names the option that set ``data.split``, for errors."""
     large = _large_scale_reader(spec)
@@ -140,13 +151,10 @@ def read_part(spec: str, kind: str, data: DataConfig, key: str, split_key: str =
     # stage 1 text the captions of a .csv/.tsv (a COCO .json already gives every caption).
     if kind == "pairs" or (kind == "images" and suffix in (".csv", ".tsv", ".json")) or (
             kind == "captions" and suffix in (".csv", ".tsv")):
-        part = sources.pair_source(spec, data.image_root, data.csv_image_key, data.csv_caption_key, key=key)
-    elif kind == "images":
-        part = sources.image_source(spec, key=key)
-    else:
-        part = CaptionList(spec, sources.caption_source(spec, key=key))
-    part.spec = spec
-    return part
+        return sources.pair_source(spec, data.image_root, data.csv_image_key, data.csv_caption_key, key=key)
+    if kind == "images":
+        return sources.image_source(spec, key=key)
+    return CaptionList(spec, sources.caption_source(spec, key=key))
 
 
 def _large_scale_reader(spec: str) -> str | None:
@@ -173,7 +181,7 @@ def training_mixture(kind: str, data: DataConfig) -> Mixture:
 
 
 def retrieval_pairs(spec: str, image_root: str, data: DataConfig, key: str = "eval.data", split: str = "",
-                    split_key: str = "eval.split") -> tuple[Any, list[str], list[int]]:
+                    split_key: str = "eval.split") -> tuple[sources.PairSource | Mixture, list[str], list[int]]:
     """A retrieval set ``(images, captions, text_to_image)`` as `sources.eval_pairs` returns it,
     from any pairs spec: a shard set or a dataset is read whole (evaluation sets are small), and
     a sample without a usable caption is an error, since evaluation sets must be complete.
@@ -185,7 +193,7 @@ def retrieval_pairs(spec: str, image_root: str, data: DataConfig, key: str = "ev
     for i in range(len(part)):
         captions = part.captions_of(i)
         if isinstance(captions, str):
-            raise RecipeError(f"'{key}': sample {part.sample_id(i)} of {spec} has no usable caption ({captions}); "
+            raise RecipeError(f"'{key}': sample {part.describe(i)} has no usable caption ({captions}); "
                               f"evaluation sets must be complete: fix or remove it")
         per_sample.append(captions)
     if not per_sample:

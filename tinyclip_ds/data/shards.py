@@ -10,7 +10,7 @@ counted (``missing_shard``: img2dataset leaves gaps where a shard failed); none 
 Sample layout, following webdataset: a member's *key* is its path with the basename cut at
 its first '.', its *extension* the rest, lower-cased (``000000123.jpg`` -> ``000000123``,
 ``jpg``); consecutive members with one key form a sample. The image is the sample's first
-member with an image extension (`sources.IMAGE_EXTENSIONS`); the caption is its ``txt``
+member with an image extension (`decode.IMAGE_EXTENSIONS`); the caption is its ``txt``
 member, else the ``caption`` field of its ``json`` member (img2dataset writes both). Other
 members (``.npy``, ...) and webdataset metadata (``__key__``-style names) are ignored.
 ``need`` says which members a sample must have ("image", "text" or both); a sample without
@@ -37,7 +37,7 @@ others then load; files are written under temporary names and renamed into place
 Loading: member bytes are read with ``os.pread`` on raw file descriptors, opened lazily per
 process (reopened after a fork, dropped when pickled, at most `MAX_OPEN_SHARDS` kept), so a
 part is safe in DataLoader workers. A problem found then is returned as a reason, never
-raised: images use `sources.SKIP_REASONS`, captions `sources.CAPTION_SKIP_REASONS`.
+raised: images use `decode.SKIP_REASONS`, captions `decode.CAPTION_SKIP_REASONS`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyclip_ds.config import RecipeError
-from tinyclip_ds.data.sources import IMAGE_EXTENSIONS, caption_problem, decode_image_bytes
+from tinyclip_ds.data.decode import IMAGE_EXTENSIONS, decode_image_bytes, usable_captions
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _scan_all(paths: list[str], need_image: bool, need_text: bool, workers: int
 # --------------------------------------------------------------------------- the part
 
 class ShardSet:
-    """One shard spec's samples, at random (the Part interface of `tinyclip_ds.data`).
+    """One shard spec's samples, at random (a `mixture.Part`).
 
     ``need``: which members a sample must have ("image" for stage 1 image, "text" for stage 1
     text, both for stage 2). ``max_caption_chars``: longer captions are ``long_caption``.
@@ -453,7 +453,7 @@ class ShardSet:
 
     def load(self, i: int) -> Image.Image | str:
         """Sample ``i``'s image, decoded, or the reason it cannot be used (a key of
-        `sources.SKIP_REASONS`, warned about once per shard and reason). Never raises for bad data."""
+        `decode.SKIP_REASONS`, warned about once per shard and reason). Never raises for bad data."""
         row = self._row(i)
         shard = int(row["shard"])
         if row["image_offset"] < 0:
@@ -470,7 +470,7 @@ class ShardSet:
 
     def captions_of(self, i: int) -> list[str] | str:
         """Sample ``i``'s caption as a one-item list, or the reason it cannot be used (a key of
-        `sources.CAPTION_SKIP_REASONS`). Never raises for bad data."""
+        `decode.CAPTION_SKIP_REASONS`). Never raises for bad data."""
         row = self._row(i)
         kind = int(row["caption_kind"])
         if kind == CAPTION_NONE:
@@ -492,8 +492,7 @@ class ShardSet:
             text = record["caption"]  # img2dataset writes null for a row without a caption
             if text is not None and not isinstance(text, str):
                 return "bad_json"
-        problem = caption_problem(text, self.max_caption_chars)
-        return problem if problem is not None else [text.strip()]
+        return usable_captions([text], self.max_caption_chars)
 
     def sample_id(self, i: int) -> str:
         """``"<shard file name>/<sample key>"`` (for logs and tests)."""
@@ -504,6 +503,10 @@ class ShardSet:
         split = _split_name(name) if name is not None else None
         key = split[0] if split else f"#{i - int(self.starts[shard])}"  # the shard is gone: its position
         return f"{Path(self.shards[shard]).name}/{key}"
+
+    def describe(self, i: int) -> str:
+        """Sample ``i`` for a message: ``"<sample_id> of <spec>"``."""
+        return f"{self.sample_id(i)} of {self.spec}"
 
     def summary(self) -> str:
         """One line for the run's log, e.g. ``4 shards, 3,998 samples; skipped while indexing:

@@ -4,10 +4,10 @@ Spec strings (``data.images``, ``data.captions``, ``data.pairs``, ``eval.data``,
 ``eval.zeroshot``) are resolved here into in-memory indexes: image entries (file paths packed
 in a `PathTable`, or PIL images for the demo) and captions (a `CaptionTable`). Every problem a
 user can cause while indexing is a `RecipeError` naming the recipe key (and the file and line
-where there is one).
+where there is one). ``demo:`` specs name the digits of `tinyclip_ds.data.digits`.
 
-Image folders hold images by extension (`IMAGE_EXTENSIONS`, any case); other files (such as
-img2dataset's ``.txt``/``.json`` sidecars) are left out and counted in ``ImageSource.ignored``.
+Image folders hold images by extension (`decode.IMAGE_EXTENSIONS`, any case); other files (such
+as img2dataset's ``.txt``/``.json`` sidecars) are left out and counted in ``ImageSource.ignored``.
 Text files (.txt, .csv, .tsv, .json) are UTF-8, with or without a byte-order mark. A .tsv is
 read without quoting (CC3M and img2dataset write captions with bare quotes); a .csv with
 standard quoting. A row whose field count differs from the header, that spans several lines
@@ -15,137 +15,32 @@ standard quoting. A row whose field count differs from the header, that spans se
 ``PairSource.bad_rows``; a file where that is most rows is an error.
 
 Image files are only opened when a sample is loaded. A file that cannot be used then is not
-an error: `load_image` returns the reason instead of the image, one of `SKIP_REASONS`.
+an error: `decode.load_image` returns the reason instead of the image, one of
+`decode.SKIP_REASONS`.
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
-import io
 import json
-import logging
 import os
-import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from tinyclip_ds.config import RecipeError
-
-log = logging.getLogger(__name__)
-
-ImageEntry = Path | Image.Image
-"""An image file (opened when loaded) or an image already in memory (demo data)."""
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-"""What makes a file in an image folder an image (compared lower-cased)."""
-
-SKIP_REASONS = {
-    "missing_file": "no file at this path (or a symlink whose target is gone)",
-    "not_a_file": "the path is a directory or another non-regular file",
-    "zero_byte": "the file is empty (an interrupted download or copy?)",
-    "unreadable": "the operating system refused to read the file (permissions, I/O error)",
-    "not_an_image": "the content is not an image format Pillow knows",
-    "truncated": "the image format is recognised but its data is cut short or damaged",
-    "too_large": "more pixels than Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS)",
-    "missing_shard": "the tar shard holding the sample was deleted or moved after it was indexed",
-    "no_image_member": "the tar shard sample has no image member (a caption-only sample)",
-    "no_image": "the sample has no image (an empty dataset cell or image path)",
-}
-"""Why an image entry cannot be used: the reasons `load_image` returns."""
+from tinyclip_ds.data.decode import IMAGE_EXTENSIONS, ImageEntry, load_image
 
 _IMAGE_SPECS = "an image folder (searched recursively) or demo:digits"
 _CAPTION_SPECS = ".txt (one caption a line), COCO captions .json, or demo:digits"
 _PAIR_SPECS = (".csv / .tsv (a header row naming the image-path and caption columns), COCO captions "
                ".json, or demo:digit_pairs")
 _CLASS_SPECS = "a folder with one sub-folder per class, or demo:digits"
-
-_reported: set[str] = set()  # files this process has already warned about
-
-
-def load_image(entry: ImageEntry) -> Image.Image | str:
-    """The image, decoded (in its own mode; `transforms.to_rgb` makes it RGB), or the reason it
-    cannot be used (a key of `SKIP_REASONS`; warned about once per process). Never raises for
-    a bad file."""
-    if isinstance(entry, Image.Image):
-        return entry
-    decoded = _decode(entry)
-    if isinstance(decoded, Image.Image):
-        return decoded
-    reason, detail = decoded
-    if str(entry) not in _reported:
-        _reported.add(str(entry))
-        log.warning("skipping image %s (%s): %s", entry, reason, detail or SKIP_REASONS[reason])
-    return reason
-
-
-def _decode(path: Path) -> Image.Image | tuple[str, str]:
-    """The decoded image, or ``(reason, what went wrong)``."""
-    try:
-        info = os.stat(path)  # before opening: opening a FIFO named like an image would block
-        if not stat.S_ISREG(info.st_mode):
-            return "not_a_file", ""
-        if info.st_size == 0:
-            return "zero_byte", ""
-        file = open(path, "rb")
-    except FileNotFoundError:
-        return "missing_file", ""
-    except OSError as error:
-        return "unreadable", str(error)
-    with file:  # closed however decoding ends
-        return decode_image_file(file)
-
-
-def decode_image_bytes(data: bytes) -> Image.Image | tuple[str, str]:
-    """An image held in memory (a tar member, a dataset cell), decoded, or ``(reason, detail)``."""
-    if not data:
-        return "zero_byte", ""
-    return decode_image_file(io.BytesIO(data))
-
-
-def decode_image_file(file: BinaryIO) -> Image.Image | tuple[str, str]:
-    """The image in an open binary file, decoded now (so that truncated or corrupt data fails
-    here and not in a transform), or ``(reason, detail)`` with a reason of `SKIP_REASONS`."""
-    try:
-        image = Image.open(file)
-        image.load()
-        return image
-    except Image.DecompressionBombError as error:
-        return "too_large", str(error)
-    except UnidentifiedImageError:
-        return "not_an_image", ""
-    except Exception as error:  # noqa: BLE001 - decoders of damaged data raise OSError, SyntaxError, ValueError, ...
-        return "truncated", f"{type(error).__name__}: {error}"
-
-
-CAPTION_SKIP_REASONS = {
-    "missing_caption": "the sample has no caption (no .txt member, no caption column value)",
-    "empty_caption": "the caption is empty or only white space",
-    "long_caption": "the caption is longer than data.max_caption_chars (scraped page text, not a caption)",
-    "bad_json": "the sample's .json member is not a JSON object with a text \"caption\"",
-    "not_utf8": "the caption is not UTF-8 text",
-    "missing_shard": "the tar shard holding the sample was deleted or moved after it was indexed",
-    "unreadable": "the operating system refused to read the shard (I/O error), or it shrank after indexing",
-}
-"""Why a caption cannot be used: the reasons `caption_problem` and the shard reader return."""
-
-
-def caption_problem(text: str | None, max_chars: int) -> str | None:
-    """Why ``text`` cannot be used as a caption (a key of `CAPTION_SKIP_REASONS`), or None."""
-    if text is None:
-        return "missing_caption"
-    stripped = text.strip()
-    if not stripped:
-        return "empty_caption"
-    if len(stripped) > max_chars:
-        return "long_caption"
-    return None
 
 
 class _Packed(Sequence):
@@ -237,7 +132,8 @@ class CaptionTable(_Packed):
 
 @dataclass
 class ImageSource:
-    """An indexable list of images, made of the parts of one or more specs."""
+    """An indexable list of images, made of the parts of one or more specs (a `mixture.Part`:
+    the reader of an image folder and of demo images, and through `PairSource` of pairs files)."""
 
     entries: Sequence[ImageEntry] = field(default_factory=list)
     specs: list[str] = field(default_factory=list, kw_only=True)  # the spec of each part, in order
@@ -255,6 +151,12 @@ class ImageSource:
         self.specs.append(spec)
         self.entries = entries if not self.entries else [*self.entries, *entries]
 
+    @property
+    def spec(self) -> str:
+        """The spec its entries came from (several, comma-separated, for a concatenation; '' for
+        entries given without one)."""
+        return ", ".join(dict.fromkeys(self.specs))
+
     def source_of(self, index: int) -> str:
         """The spec entry ``index`` came from ('' for entries given without one)."""
         part = bisect.bisect_right(self.starts, index) - 1
@@ -263,6 +165,15 @@ class ImageSource:
     def load(self, index: int) -> Image.Image | str:
         """Image ``index``, or the reason it cannot be used (see `load_image`; never raises for one)."""
         return load_image(self.entries[index])
+
+    def captions_of(self, index: int) -> list[str]:
+        """Refused: these are images only (a `PairSource` has captions)."""
+        raise TypeError(f"{self.spec or 'this source'} holds images only")
+
+    def describe(self, index: int) -> str:
+        """Entry ``index`` for a message: its file, or its place in the source (an image in memory)."""
+        entry = self.entries[index]
+        return str(entry) if isinstance(entry, Path) else f"{self.spec} #{index}"
 
     @property
     def skipped(self) -> Counter[str]:
@@ -625,10 +536,11 @@ def _is_demo(spec: str) -> bool:
 
 
 def _demo(spec: str, key: str, allowed: set[str]):
-    """The digits demo module, after checking that ``spec`` is a demo this key accepts."""
+    """The digits demo's data (`tinyclip_ds.data.digits`), after checking that ``spec`` is demo
+    data this key accepts."""
     if spec not in allowed:
         raise RecipeError(f"'{key}': unknown demo data '{spec}'; demo data here: {', '.join(sorted(allowed))}")
-    from tinyclip_ds.demo import data as digits  # imported lazily: building the demo costs time
+    from tinyclip_ds.data import digits  # imported lazily: scikit-learn and building the digits take seconds
     return digits
 
 

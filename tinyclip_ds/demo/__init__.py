@@ -1,1 +1,2 @@
-"""The digits demo: its data (`data`), its teacher's shapes, vocabulary and training (`teacher`)."""
+"""The digits demo's teacher: its shapes, vocabulary and training (`teacher`); the digits themselves
+are a data source like any other, `tinyclip_ds.data.digits`."""

@@ -4,7 +4,7 @@
 
 writes ``teacher.safetensors`` next to this file (`DEMO_TEACHER_PATH`), with its shapes and
 vocabulary in the file's metadata so that `tinyclip_ds.models.teachers` loads it without this
-package. A small `Clip` trained contrastively on the *train* split of `tinyclip_ds.demo.data` only:
+package. A small `Clip` trained contrastively on the *train* split of `tinyclip_ds.data.digits` only:
 single digits with template captions and digit pairs with pair captions, mixed in every batch,
 with light geometric augmentation (never a flip: left and right matter). Everything is seeded
 and the data order is fixed, so a rerun on the same machine reproduces the file. Prints the loss
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from tinyclip_ds.demo.data import (DIGIT_NAMES, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
-                                   pair_caption, single_captions)
+from tinyclip_ds.data.digits import (DIGIT_NAMES, IMAGE_SIZE, SINGLE_TEMPLATES, digit_images, digit_pairs,
+                                    pair_caption, single_captions)
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
 from tinyclip_ds.models.teachers import DEMO_TEACHER_PATH, save_word_teacher
 from tinyclip_ds.models.tokenizer import WordTokenizer, split_words

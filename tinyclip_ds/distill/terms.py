@@ -1,72 +1,70 @@
-"""The table of loss terms: each term registered once, read by both objectives and by recipe validation.
+"""How each loss term is computed: its implementation, attached by name to its declaration.
 
-A row says where a term applies, what it asks of the towers and how its (unweighted) value is
-computed from the objective's inputs; the formulas themselves are the pure functions of
-`losses.py`. Adding a term = one function in `losses.py`, one row in `TERMS`, one weight field
-in `LossConfig` (named like the row).
+A term is declared once in `config.TERMS` (where it applies and what it asks of the towers;
+torch-free, so recipe validation reads it too) and implemented once here, under the same name
+in `IMPLEMENTATIONS`: how its unweighted value is computed from the objective's inputs, the
+learned modules it trains and the checks it needs beyond its declaration. The formulas
+themselves are the pure functions of `losses.py`.
+
+Adding a term = one function in `losses.py`, one row in `config.TERMS`, one weight field in
+`config.LossConfig` (``weight(...)``, named like the row) and one entry in `IMPLEMENTATIONS`
+(the same name); ``tests/test_loss_terms.py`` fails while any of them is missing.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from tinyclip_ds.config import RecipeError
 from tinyclip_ds.distill import losses
+from tinyclip_ds.distill.config import LossConfig
 from tinyclip_ds.distill.heads import Projection, ViTKDGenerator, random_token_mask
 from tinyclip_ds.models.transformer import TowerOutput, TowerShape
 
-if TYPE_CHECKING:
-    from tinyclip_ds.distill.objectives import LossConfig, Stage1Objective
-
-Stage = Literal["stage1", "stage2"]
 PER_LAYER = ("hidden", "attention", "qkv")
 """The `Request` outputs that are returned per mapped layer."""
 
 
 @dataclass(frozen=True)
-class Term:
-    """One loss term; ``name`` is also its weight field in `LossConfig`."""
+class Implementation:
+    """How one term of `config.TERMS` is computed."""
 
-    name: str
-    stage: Stage
     # stage1: (objective, student output, teacher output, mask_seed) -> Tensor.
     # stage2: (Stage2Batch) -> Tensor, or a dict of parts logged separately whose mean is the term.
     compute: Callable[..., Tensor | dict[str, Tensor]]
-    # `Request` flags (hidden, attention, qkv, embeddings, tokens) asked of the student tower,
-    # and of the teacher tower too when ``teacher``.
-    request: tuple[str, ...] = ()
-    teacher: bool = True  # needs the teacher's outputs
-    towers: tuple[str, ...] = ("image", "text")
-    # "tokens": compares student and teacher tokens one to one (needs the same grid or context
-    # length); "embedding": compares final embeddings one to one (needs the same output width).
-    one_to_one: Literal["", "tokens", "embedding"] = ""
-    in_batch: bool = False  # compares the samples of a micro-batch with each other
     # Learned modules the term trains with the student: (cfg, teacher, student, layer_pairs) ->
     # {attribute of the objective: module}.
     parts: Callable[..., dict[str, nn.Module]] | None = None
-    # Stage-1 checks beyond the flags above: (objective, teacher, student, key) -> None or RecipeError.
+    # Stage-1 checks beyond the term's declaration: (objective, teacher, student, key) -> None or
+    # RecipeError.
     check: Callable[..., None] | None = None
 
 
-def active_terms(cfg: LossConfig, stage: Stage) -> dict[str, float]:
-    """The terms of ``stage`` that the recipe switches on, with their weights (in table order)."""
-    return {name: getattr(cfg, name) for name, term in TERMS.items()
-            if term.stage == stage and getattr(cfg, name) > 0}
+class Stage1View(Protocol):
+    """What a stage-1 term reads of its objective (`objectives.Stage1Objective`, which imports
+    this module): the loss config, the mapped layer pairs, the relation head count and, as
+    attributes, the learned modules its ``parts`` made."""
+
+    cfg: LossConfig
+    layer_pairs: list[tuple[int, int]]
+    relation_heads: int
+
+    def __getattr__(self, name: str) -> nn.Module: ...
 
 
 # ---- stage 1: one tower, student output vs teacher output -------------------------------------
 
-def _emb(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _emb(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """Embedding-output MSE through the learned projection W_e."""
     return losses.hidden_mse(o.emb_projection(s.embeddings), t.embeddings, t.token_mask)
 
 
-def _hidden(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _hidden(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """Hidden-state MSE of the mapped layers, each through its projection (or the shared one)."""
     pairs = o.layer_pairs
     projections = [o.hidden_projections[0 if o.cfg.hidden_projection == "shared" else i]
@@ -76,60 +74,60 @@ def _hidden(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) 
         for proj, (sl, tl) in zip(projections, pairs)]).mean()
 
 
-def _attn_scores(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _attn_scores(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """Pre-softmax attention MSE of the mapped layers."""
     return torch.stack([
         losses.attention_scores_mse(s.attn_scores[sl], t.attn_scores[tl], t.attn_mask)
         for sl, tl in o.layer_pairs]).mean()
 
 
-def _attn_probs(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _attn_probs(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """Attention-probability KL of the mapped layers."""
     return torch.stack([
         losses.attention_probs_kl(s.attn_probs[sl], t.attn_probs[tl], t.attn_mask)
         for sl, tl in o.layer_pairs]).mean()
 
 
-def _attn_relation(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _attn_relation(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """MiniLM-v2: the query-query and key-key relations, averaged."""
     return torch.stack([
         losses.relation_kl(s.qkv[sl][i], t.qkv[tl][i], o.relation_heads, t.attn_mask)
         for sl, tl in o.layer_pairs for i in (0, 1)]).mean()
 
 
-def _value_relation(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _value_relation(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """MiniLM-v2: the value-value relation."""
     return torch.stack([
         losses.relation_kl(s.qkv[sl][2], t.qkv[tl][2], o.relation_heads, t.attn_mask)
         for sl, tl in o.layer_pairs]).mean()
 
 
-def _rep_l1(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _rep_l1(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """L1 of the final embeddings."""
     return losses.rep_l1(s.embedding, t.embedding, o.cfg.rep_normalize)
 
 
-def _rep_mse(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _rep_mse(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """MSE of the final embeddings."""
     return losses.rep_mse(s.embedding, t.embedding, o.cfg.rep_normalize)
 
 
-def _rep_cos(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _rep_cos(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """1 − cosine similarity of the final embeddings."""
     return losses.rep_cos(s.embedding, t.embedding)
 
 
-def _rep_kl(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _rep_kl(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """Temperature KL of the final embeddings."""
     return losses.rep_kl(s.embedding, t.embedding, o.cfg.rep_kl_temperature)
 
 
-def _rep_relation(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _rep_relation(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """KL of the in-batch similarity distributions of the final embeddings."""
     return losses.rep_relation(s.embedding, t.embedding, o.cfg.rep_relation_temperature)
 
 
-def _vit_kd(o: Stage1Objective, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
+def _vit_kd(o: Stage1View, s: TowerOutput, t: TowerOutput, mask_seed: int) -> Tensor:
     """ViTKD: mimic the shallow mapped layers, generate the deepest from masked student tokens."""
     cfg = o.cfg
     shallow = o.layer_pairs[:cfg.vit_kd_shallow_layers]
@@ -166,7 +164,7 @@ def _vit_kd_parts(cfg: LossConfig, teacher: TowerShape, student: TowerShape, pai
             "vit_kd_generator": ViTKDGenerator(student.width, teacher.width, student.grid)}
 
 
-def _same_heads(o: Stage1Objective, teacher: TowerShape, student: TowerShape, key: str, term: str) -> None:
+def _same_heads(o: Stage1View, teacher: TowerShape, student: TowerShape, key: str, term: str) -> None:
     """Head-by-head attention terms need the teacher's head count."""
     if student.heads != teacher.heads:
         raise RecipeError(f"'loss.{term}' compares attention head by head, but '{key}.heads' = "
@@ -174,7 +172,7 @@ def _same_heads(o: Stage1Objective, teacher: TowerShape, student: TowerShape, ke
                           f"'loss.attn_relation' (MiniLM relations work for any head counts)")
 
 
-def _relation_heads_divide(o: Stage1Objective, teacher: TowerShape, student: TowerShape, key: str) -> None:
+def _relation_heads_divide(o: Stage1View, teacher: TowerShape, student: TowerShape, key: str) -> None:
     """MiniLM relations split both widths into the same number of relation heads."""
     for who, width in (("teacher", teacher.width), ("student", student.width)):
         if width % o.relation_heads:
@@ -182,7 +180,7 @@ def _relation_heads_divide(o: Stage1Objective, teacher: TowerShape, student: Tow
                               f"width {width}")
 
 
-def _vit_kd_layers(o: Stage1Objective, teacher: TowerShape, student: TowerShape, key: str) -> None:
+def _vit_kd_layers(o: Stage1View, teacher: TowerShape, student: TowerShape, key: str) -> None:
     """ViTKD needs shallow layers to mimic and a deeper one to generate."""
     shallow = o.cfg.vit_kd_shallow_layers
     if len(o.layer_pairs) <= shallow:
@@ -252,31 +250,26 @@ def _filip_distill(b: Stage2Batch) -> Tensor:
     return losses.filip_distill_loss(*b.student_filip, *b.teacher_filip, b.cfg.affinity_logit_scale, b.rows)
 
 
-# ---- the table ---------------------------------------------------------------------------------
+# ---- the implementations ---------------------------------------------------------------------
 
-TERMS: dict[str, Term] = {term.name: term for term in (
-    Term("emb", "stage1", _emb, request=("embeddings",), one_to_one="tokens", parts=_emb_parts),
-    Term("hidden", "stage1", _hidden, request=("hidden",), one_to_one="tokens", parts=_hidden_parts),
-    Term("attn_scores", "stage1", _attn_scores, request=("attention",), one_to_one="tokens",
-         check=functools.partial(_same_heads, term="attn_scores")),
-    Term("attn_probs", "stage1", _attn_probs, request=("attention",), one_to_one="tokens",
-         check=functools.partial(_same_heads, term="attn_probs")),
-    Term("attn_relation", "stage1", _attn_relation, request=("qkv",), one_to_one="tokens",
-         check=_relation_heads_divide),
-    Term("value_relation", "stage1", _value_relation, request=("qkv",), one_to_one="tokens",
-         check=_relation_heads_divide),
-    Term("rep_l1", "stage1", _rep_l1, one_to_one="embedding"),
-    Term("rep_mse", "stage1", _rep_mse, one_to_one="embedding"),
-    Term("rep_cos", "stage1", _rep_cos, one_to_one="embedding"),
-    Term("rep_kl", "stage1", _rep_kl, one_to_one="embedding"),
-    Term("rep_relation", "stage1", _rep_relation, in_batch=True),
-    Term("vit_kd", "stage1", _vit_kd, request=("hidden",), towers=("image",), one_to_one="tokens",
-         parts=_vit_kd_parts, check=_vit_kd_layers),
-    Term("contrastive", "stage2", _contrastive, teacher=False),
-    Term("affinity", "stage2", _affinity),
-    Term("fd", "stage2", _fd),
-    Term("icl", "stage2", _icl),
-    Term("filip", "stage2", _filip, request=("tokens",), teacher=False),
-    Term("filip_distill", "stage2", _filip_distill, request=("tokens",)),
-)}
-"""Every loss term, in the order the objectives compute and log them."""
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "emb": Implementation(_emb, parts=_emb_parts),
+    "hidden": Implementation(_hidden, parts=_hidden_parts),
+    "attn_scores": Implementation(_attn_scores, check=functools.partial(_same_heads, term="attn_scores")),
+    "attn_probs": Implementation(_attn_probs, check=functools.partial(_same_heads, term="attn_probs")),
+    "attn_relation": Implementation(_attn_relation, check=_relation_heads_divide),
+    "value_relation": Implementation(_value_relation, check=_relation_heads_divide),
+    "rep_l1": Implementation(_rep_l1),
+    "rep_mse": Implementation(_rep_mse),
+    "rep_cos": Implementation(_rep_cos),
+    "rep_kl": Implementation(_rep_kl),
+    "rep_relation": Implementation(_rep_relation),
+    "vit_kd": Implementation(_vit_kd, parts=_vit_kd_parts, check=_vit_kd_layers),
+    "contrastive": Implementation(_contrastive),
+    "affinity": Implementation(_affinity),
+    "fd": Implementation(_fd),
+    "icl": Implementation(_icl),
+    "filip": Implementation(_filip),
+    "filip_distill": Implementation(_filip_distill),
+}
+"""The implementation of every term of `config.TERMS`, by name."""

@@ -26,11 +26,12 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from tinyclip_ds import distributed
-from tinyclip_ds.config import RecipeError, option
+from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.mixture import retrieval_pairs
 from tinyclip_ds.data.sources import ImageSource, classification_source, text_lines
 from tinyclip_ds.data.transforms import eval_transform
+from tinyclip_ds.eval.config import EvalConfig
 from tinyclip_ds.eval.gather import gather_by_index
 from tinyclip_ds.eval.metrics import class_embeddings, retrieval_metrics, zeroshot_accuracy
 from tinyclip_ds.eval.plots import chosen_rows
@@ -40,25 +41,6 @@ Encoder = Callable[[Tensor], Tensor]
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
                      "a photo of the small {}.", "a cropped photo of a {}.", "a close-up photo of a {}."]
-
-
-@dataclass
-class EvalConfig:
-    every: int = option(500, "evaluate every this many optimizer steps (and always at the end); 0 = end only")
-    data: str = option("", "paired validation set for retrieval: .csv/.tsv, COCO .json, webdataset "
-                           "shards, a Hugging Face dataset, or demo:digits / demo:digit_pairs; '' = no "
-                           "retrieval eval")
-    image_root: str = option("", "folder that relative image paths in eval.data are resolved against; "
-                                 "'' = the file's own folder, or <root>/<split>/ for a COCO file at "
-                                 "<root>/annotations/captions_<split>.json")
-    split: str = option("", "eval.data with several splits (a saved DatasetDict, a parquet folder or an "
-                            "imagefolder with split files): the split evaluated; '' = its only split")
-    zeroshot: str = option("", "classification set for zero-shot accuracy: a folder with one "
-                               "sub-folder per class, or demo:digits; '' = none")
-    templates: str = option("default", "zero-shot prompt templates: 'default' (the set's own, "
-                                       "else a generic CLIP set) or a .txt file, one template with {} per line")
-    batch_size: int = option(64, "evaluation batch size per rank (results do not depend on it)")
-    heatmap_size: int = option(32, "samples shown in the student-vs-teacher similarity heatmap")
 
 
 @dataclass
@@ -214,7 +196,7 @@ def check_images(source: ImageSource, key: str) -> None:
 def unusable_image(source: ImageSource, index: int, reason, key: str) -> RecipeError:
     """The error for evaluation image ``index``, which `ImageSource.load` could not decode."""
     why = f" ({reason})" if isinstance(reason, str) else ""
-    where = source.describe(index) if hasattr(source, "describe") else source.entries[index]
+    where = source.describe(index)
     return RecipeError(f"'{key}': evaluation image {where} cannot be used{why}; evaluation "
                        f"sets must be complete: fix or remove it")
 

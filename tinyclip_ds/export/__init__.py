@@ -29,10 +29,12 @@ from tinyclip_ds.config import RecipeError
 from tinyclip_ds.export.tinyclip import (Consolidated, consolidate, export_weights, load_student_weights,
                                          student_state_dict, towers_with, write_tinyclip)
 from tinyclip_ds.export.unroll import unroll
-from tinyclip_ds.models.teachers import TeacherConfig, load_teacher
+from tinyclip_ds.models.config import TeacherConfig
+from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.models.transformer import TextTower, VisionTower
 from tinyclip_ds.progress import progress
 from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.records import RECIPE
 
 __all__ = ["FORMATS", "ExportedStudent", "export", "export_weights", "exported_student", "load_student_weights",
            "resolve_checkpoint", "student_state_dict", "towers_with", "unroll"]
@@ -65,10 +67,10 @@ def resolve_checkpoint(model: str | Path, which: str = "auto") -> Path:
         if which not in ("auto", "", str(model)):
             raise RecipeError(f"--checkpoint {which}: {model} is already a checkpoint directory; "
                               f"give its run directory to pick another checkpoint")
-        return checkpoint.resolve_resume(model.parent.parent, str(model))  # refuses an incomplete one
-    path = checkpoint.resolve_resume(model, which or "auto")
+        return checkpoint.resolve(model.parent.parent, str(model))  # refuses an incomplete one
+    path = checkpoint.resolve(model, which or "auto")
     if path is None:
-        if not (model / checkpoint.RECIPE).is_file():
+        if not (model / RECIPE).is_file():
             raise RecipeError(f"{model} is neither a run directory (no recipe.yaml) nor a checkpoint directory")
         raise RecipeError(f"{model} has no complete checkpoint to export yet (runs save one every "
                           f"checkpoint.every steps and at the end)")

@@ -25,13 +25,16 @@ from tinyclip_ds.config import RecipeError, build
 from tinyclip_ds.models.students import Tower, shape_record, student_shapes, tower_from_record
 from tinyclip_ds.models.teachers import load_teacher
 from tinyclip_ds.recipe import Recipe, load_recipe, validate
+from tinyclip_ds.stages import STAGES
 from tinyclip_ds.train import checkpoint
+from tinyclip_ds.train.consolidate import consolidated_state_dict
+from tinyclip_ds.train.records import recipe_of, saved_record
 
 
 def student_state_dict(engine_state: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
     """The student towers' weights, keyed ``image.*`` / ``text.*``, from the state dict of a
     stage's engine module (stage 1: ``tower.*`` is the one tower; stage 2: ``image.*``, ``text.*``)."""
-    prefixes = {prefix: kind + "." for kind, prefix in checkpoint.TOWER_PREFIXES[stage].items()}
+    prefixes = {prefix: kind + "." for kind, prefix in STAGES[stage].checkpoint_prefixes.items()}
     out = {}
     for name, value in engine_state.items():
         for prefix, renamed in prefixes.items():
@@ -55,18 +58,18 @@ class Consolidated:
 def consolidate(path: Path) -> Consolidated:
     """The student towers of the complete checkpoint directory ``path``, consolidated to fp32."""
     path = Path(path)
-    recipe_path = checkpoint.recipe_of(path)
+    recipe_path = recipe_of(path)
     if not recipe_path.is_file():
         raise RecipeError(f"{path} has no recipe.yaml beside it or in its run directory, so it is not "
                           f"a checkpoint of a tinyclip-ds run")
     recipe_text = recipe_path.read_text()
     recipe = load_recipe(recipe_path)
-    shapes = checkpoint.saved_record(path)["towers"]
+    shapes = saved_record(path)["towers"]
     if not shapes:  # saved before checkpoints recorded their shapes: ask the teacher
         shapes = {kind: shape_record(kind, shape)
                   for kind, shape in student_shapes(recipe.student, load_teacher(recipe.teacher).clip,
                                                    recipe.towers).items()}
-    engine_state = checkpoint.consolidated_state_dict(path)
+    engine_state = consolidated_state_dict(path)
     weights = student_state_dict(engine_state, recipe.stage)
     logit_scale = None
     if recipe.stage == "stage2":
@@ -97,10 +100,10 @@ def export_weights(run_dir: str | Path, which: str = "auto", out: str | Path | N
     with the checkpoint's recipe and tower shapes; checks that they load with ``strict=True``
     into towers of those shapes."""
     run_dir = Path(run_dir)
-    path = checkpoint.resolve_resume(run_dir, which)
+    path = checkpoint.resolve(run_dir, which)
     if path is None:
         raise RecipeError(f"{run_dir} has no complete checkpoint to export")
-    if not checkpoint.recipe_of(path).is_file():
+    if not recipe_of(path).is_file():
         raise RecipeError(f"{run_dir} is not a run directory (no recipe.yaml)")
     return write_tinyclip(consolidate(path), Path(out) if out else run_dir / f"student_{path.name}.safetensors")
 

@@ -9,9 +9,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.jit._pickle
@@ -19,32 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tinyclip_ds.config import RecipeError, option
+from tinyclip_ds.config import RecipeError
+from tinyclip_ds.models.config import TeacherConfig, check_openai_options
 from tinyclip_ds.models.tokenizer import ClipTokenizer, HfClipTokenizer, Tokenizer, WordTokenizer
 from tinyclip_ds.models.transformer import Clip, Request, TowerOutput, TowerShape
-
-
-@dataclass
-class TeacherConfig:
-    source: Literal["demo", "openai", "open_clip", "hf"] = option(
-        "demo", "where the teacher comes from: the shipped digits demo, an OpenAI CLIP "
-                "checkpoint, an open_clip model or a Hugging Face CLIPModel directory")
-    path: str = option("", "local weights: OpenAI .pt (TorchScript archive or state dict; read "
-                           "without running code), open_clip weights file, or HF directory; '' for "
-                           "the demo's shipped weights")
-    model: str = option("", "open_clip model name (e.g. ViT-B-32, ViT-B-16-quickgelu) or path to "
-                            "an open_clip model config JSON; unused by other sources")
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "dtype the frozen teacher computes in (bf16 halves its memory and time on GPUs)")
-    # An OpenAI-layout file records neither activation nor head count (only the open_clip and
-    # HF configs do): these say what the file cannot, e.g. for an open_clip GELU model's weights.
-    activation: Literal["auto", "quick_gelu", "gelu"] = option(
-        "auto", "openai source only: the MLP activation; auto = the one a TorchScript archive's "
-                "code uses, else quick_gelu (OpenAI's)")
-    image_heads: int = option(0, "openai source only: image tower attention heads; 0 = width / 64 "
-                                 "(OpenAI's convention)")
-    text_heads: int = option(0, "openai source only: text tower attention heads; 0 = width / 64 "
-                                "(OpenAI's convention)")
 
 
 OPENAI_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -131,19 +107,6 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         raise RecipeError(f"teacher: the tokenizer has {tokenizer.vocab_size} tokens but the text "
                           f"tower's embedding only {clip.text.shape.vocab_size}")
     return Teacher(clip.to(PRECISIONS[cfg.precision]), tokenizer, mean, std, assumptions)
-
-
-def check_openai_options(cfg: TeacherConfig) -> None:
-    """Refuse the activation and head overrides for sources other than openai: they exist for
-    OpenAI-layout files only (open_clip and HF configs state both)."""
-    if cfg.source == "openai":
-        return
-    given = [f"teacher.{key}" for key, default in (("activation", "auto"), ("image_heads", 0),
-                                                   ("text_heads", 0))
-             if getattr(cfg, key) != default]
-    if given:
-        raise RecipeError(f"{', '.join(given)}: only the openai source takes these; the "
-                          f"{cfg.source} source reads them from its model config")
 
 
 # --------------------------------------------------------------------------- word-tokenizer files

@@ -70,28 +70,32 @@ def counted(counts: dict[str, int]) -> str:
 class SampleLog:
     """Opt-in record (``train.log_samples``) of which samples every optimizer step used.
 
-    Every training batch passes through `track`; after each step `flush` gathers the indices
-    drawn on every rank, and rank 0 appends ``{"step", "samples"}`` to
+    Every training batch passes through `track`; after each try at a step `flush` gathers the
+    indices drawn on every rank, and rank 0 appends ``{"step", "samples"}`` to
     ``<run_dir>/samples.jsonl`` in the sampler's global order (micro-step m of rank r is slice
-    m·world + r), so runs on different numbers of ranks can be compared line by line."""
+    m·world + r), so runs on different numbers of ranks can be compared line by line. A try that
+    was not applied (too few usable samples, non-finite gradients) is written too, before the
+    step's applied line, as ``{"step", "applied": false, "reason", "samples"}``."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path = path
         self.enabled = enabled
-        self.pending: list[list[int]] = []  # this rank's micro-batches of the current step
+        self.pending: list[list[int]] = []  # this rank's micro-batches of the current try
 
     def track(self, batch: dict) -> None:
         """Remember the batch's sample indices when enabled."""
         if self.enabled:
             self.pending.append(batch["index"].tolist())
 
-    def flush(self, step: int) -> None:
-        """Collective: write the samples of ``step`` (every rank must call it)."""
+    def flush(self, step: int, skipped: str = "") -> None:
+        """Collective: write the samples of the try at ``step`` (every rank must call it);
+        ``skipped``: why the try was not applied ('' = it was)."""
         if not self.enabled:
             return
         gathered = distributed.gather_objects(self.pending)
         self.pending = []
         if distributed.rank() == 0:
             samples = [index for micro in zip(*gathered) for rank_batch in micro for index in rank_batch]
+            record = {"step": step, "applied": False, "reason": skipped} if skipped else {"step": step}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+                f.write(json.dumps({**record, "samples": samples}) + "\n")

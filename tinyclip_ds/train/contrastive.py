@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from tinyclip_ds import distributed
-from tinyclip_ds.train.checkpoint import rng_state, set_rng_state
+from tinyclip_ds.train.rng import rng_state, set_rng_state
 from tinyclip_ds.train.engine import engine_step
 from tinyclip_ds.train.task import StepResult
 

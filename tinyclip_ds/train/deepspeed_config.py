@@ -1,5 +1,8 @@
 """The DeepSpeed config of a run: a JSON from ds_configs/, the recipe's overrides, and batch
 fields computed from the recipe and the world size so ``micro × accumulation × world = batch``.
+
+Building it is torch-free; only letting DeepSpeed itself check the keys and values imports
+DeepSpeed (and torch), so ``tinyclip-ds check --no-paths`` skips that.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import typing
 from pathlib import Path
 
 from tinyclip_ds.config import PROJECT_ROOT, RecipeError, deep_merge, dotted_leaves
-from tinyclip_ds.train.optim import TrainConfig
+from tinyclip_ds.train.config import TrainConfig
 
 DS_CONFIG_DIR = PROJECT_ROOT / "ds_configs"
 
@@ -54,8 +57,12 @@ BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
 
 
 def build_ds_config(ds_config: str, overrides: dict, train: TrainConfig, world_size: int,
-                    check_accelerator: bool = True) -> dict:
-    """The resolved DeepSpeed config dict for a run (raises RecipeError on any contradiction)."""
+                    check_deepspeed: bool = True, check_accelerator: bool = True) -> dict:
+    """The resolved DeepSpeed config dict for a run (raises RecipeError on any contradiction).
+
+    ``check_deepspeed``: DeepSpeed itself checks every key and value (`check_keys`,
+    `deepspeed_accepts`), which imports it; then ``check_accelerator`` refuses a precision this
+    machine's accelerator cannot run (`check_precision`)."""
     path = resolve_ds_config_path(ds_config)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -65,8 +72,9 @@ def build_ds_config(ds_config: str, overrides: dict, train: TrainConfig, world_s
         raise RecipeError(f"{path} (recipe key 'ds_config') cannot be read ({err.strerror})") from None
     if not isinstance(config, dict):
         raise RecipeError(f"{path} must hold a JSON object of DeepSpeed config keys")
-    check_keys(config, path.name, "")
-    check_keys(overrides, "recipe key 'deepspeed'", "deepspeed.")
+    if check_deepspeed:
+        check_keys(config, path.name, "")
+        check_keys(overrides, "recipe key 'deepspeed'", "deepspeed.")
     try:
         deep_merge(config, json.loads(json.dumps(overrides)))
     except (TypeError, ValueError) as err:
@@ -91,9 +99,10 @@ def build_ds_config(ds_config: str, overrides: dict, train: TrainConfig, world_s
         if key in config:
             raise RecipeError(f"{path.name} has an '{key}' block, but the optimizer and schedule "
                               f"are built from the recipe's train.* fields; remove it")
-    deepspeed_accepts(config, path.name)
-    if check_accelerator:
-        check_precision(config)
+    if check_deepspeed:
+        deepspeed_accepts(config, path.name)
+        if check_accelerator:
+            check_precision(config)
     return config
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tinyclip_ds.train.optim import TrainConfig, build_optimizer
+from tinyclip_ds.train.config import TrainConfig
+from tinyclip_ds.train.deepspeed_internals import finish_step_without_update, optimizer_keeps_grad_norm
+from tinyclip_ds.train.optim import build_optimizer
 
 
 def build_engine(module: nn.Module, ds_config: dict, train: TrainConfig):
@@ -47,30 +49,13 @@ def engine_step(engine) -> OptimizerStep | None:
         engine.step()
         return None
     measured = None
-    if not hasattr(engine.optimizer, "_global_grad_norm") and not engine.fp16_enabled():  # fp16 grads carry the loss scale
+    if not optimizer_keeps_grad_norm(engine) and not engine.fp16_enabled():  # fp16 grads carry the loss scale
         grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
         if grads:
             measured = torch.nn.utils.get_total_norm(grads).item()
         if measured is not None and not torch.isfinite(torch.tensor(measured)):
-            _skip_plain_optimizer_step(engine)
+            finish_step_without_update(engine)
             return OptimizerStep(applied=False, grad_norm=None)
     engine.step()
     return OptimizerStep(applied=engine.was_step_applied(), grad_norm=measured)
 
-
-def _skip_plain_optimizer_step(engine) -> None:
-    """Finish the boundary without changing anything: DeepSpeed's bookkeeping (micro-step count,
-    zeroing the gradients) runs, the torch optimizer's update does not, and the schedule, which
-    DeepSpeed advances regardless, is put back."""
-    optimizer, schedule = engine.optimizer, engine.lr_scheduler
-    saved = schedule.state_dict() if schedule is not None else None
-    rates = [group["lr"] for group in optimizer.param_groups]
-    optimizer.step = lambda *args, **kwargs: None  # shadows the method for this one call
-    try:
-        engine.step()
-    finally:
-        del optimizer.step
-    if schedule is not None:
-        schedule.load_state_dict(saved)
-    for group, rate in zip(optimizer.param_groups, rates):
-        group["lr"] = rate

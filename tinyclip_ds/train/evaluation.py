@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from tinyclip_ds.eval.evaluator import Evaluator
 from tinyclip_ds.eval.plots import retrieval_grid
+from tinyclip_ds.models.transformer import Clip
+from tinyclip_ds.train.monitor import Monitor
 from tinyclip_ds.train.task import Encoder
-
-if TYPE_CHECKING:
-    from tinyclip_ds.train.run import Run
 
 
 class StudentEvaluation:
@@ -22,8 +20,12 @@ class StudentEvaluation:
     The teacher is frozen, so its side of the validation sets, its metrics, its heatmap half and
     its retrieval grid are computed once, at the first evaluation."""
 
-    def __init__(self, run: Run, model: torch.nn.Module, image: Encoder | None, text: Encoder | None):
-        self.run = run
+    def __init__(self, evaluator: Evaluator, teacher: Clip, monitor: Monitor, rank: int, model: torch.nn.Module,
+                 image: Encoder | None, text: Encoder | None):
+        self.evaluator = evaluator
+        self.teacher = teacher
+        self.monitor = monitor
+        self.rank = rank
         self.model = model
         self.image = image
         self.text = text
@@ -33,11 +35,11 @@ class StudentEvaluation:
 
     def __call__(self, step: int) -> None:
         """Collective: evaluate and log at ``step``."""
-        run, evaluator = self.run, self.run.evaluator
+        evaluator, monitor = self.evaluator, self.monitor
         if not evaluator.enabled:
             return
         if self.teacher_sides is None:
-            clip = run.teacher.clip
+            clip = self.teacher
             self.teacher_sides = (evaluator.image_side(lambda x: clip.visual(x).embedding),
                                   evaluator.text_side(lambda ids: clip.text(ids).embedding))
             self.teacher_metrics = evaluator.metrics(*self.teacher_sides)
@@ -49,24 +51,24 @@ class StudentEvaluation:
                  evaluator.text_side(self.text) if self.text else self.teacher_sides[1])
         self.model.train()
         student = evaluator.metrics(*sides)
-        run.monitor.metrics(step, {**{f"student/{k}": v for k, v in student.items()},
+        monitor.metrics(step, {**{f"student/{k}": v for k, v in student.items()},
                                    **{f"teacher/{k}": v for k, v in teacher.items()}})
         student_similarity = evaluator.similarity_sample(*sides)
         if student_similarity is not None:
             gap = torch.full((student_similarity.shape[0], 1), float("nan"))
             both = torch.cat([student_similarity.cpu(), gap, self.teacher_similarity.cpu()], dim=1)
-            run.monitor.heatmap("eval/similarity_student_vs_teacher", step, both.nan_to_num(both.nanmean().item()))
+            monitor.heatmap("eval/similarity_student_vs_teacher", step, both.nan_to_num(both.nanmean().item()))
         self.log_retrieval_grid("student", step, sides)
         shown = [k for k in ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "mean_score") if k in student]
-        run.monitor.print(f"eval step {step}: " + "  ".join(
+        monitor.print(f"eval step {step}: " + "  ".join(
             f"{k} student {student[k]:.4f} / teacher {teacher[k]:.4f}" for k in shown))
 
     def log_retrieval_grid(self, who: str, step: int, sides) -> None:
         """TensorBoard ``eval/retrieval_<who>``: a few validation captions, each with its top-5
         images of the whole set, the correct one framed green (rank 0, with a retrieval set)."""
-        if self.run.rank != 0:
+        if self.rank != 0:
             return
-        examples = self.run.evaluator.retrieval_examples(*sides)
+        examples = self.evaluator.retrieval_examples(*sides)
         if examples is not None:
             title = f"{who}, step {step}: top-5 images per caption (green = correct)"
-            self.run.monitor.image(f"eval/retrieval_{who}", step, retrieval_grid(*examples, title=title))
+            self.monitor.image(f"eval/retrieval_{who}", step, retrieval_grid(*examples, title=title))

@@ -1,5 +1,5 @@
-"""The training loop, for every stage: `train` sets up the run, picks the stage's task and hands
-both to the `Trainer`.
+"""The training loop, for every stage: `train` sets up the run, builds the task the stage table
+names for the recipe's stage and hands both to the `Trainer`.
 
 The Trainer is the only place that draws micro-batches and counts the data position, resumes,
 logs, evaluates, checkpoints and handles pre-emption. A stage task (`train.task.Task`) builds
@@ -20,30 +20,36 @@ import time
 from dataclasses import dataclass, field
 
 from tinyclip_ds import distributed
-from tinyclip_ds.config import RecipeError
 from tinyclip_ds.data.order import GlobalOrder
 from tinyclip_ds.data.sampler import GlobalBatchSampler, TrainBatches, train_loader
 from tinyclip_ds.recipe import Recipe
-from tinyclip_ds.train import checkpoint
+from tinyclip_ds.stages import STAGES
+from tinyclip_ds.summary import summarize
+from tinyclip_ds.train import checkpoint, resume
 from tinyclip_ds.train.accounting import DataSkips, UnusableData, counted
 from tinyclip_ds.train.deepspeed_config import batch_sizes
 from tinyclip_ds.train.engine import build_engine
 from tinyclip_ds.train.evaluation import StudentEvaluation
 from tinyclip_ds.train.monitor import significant
 from tinyclip_ds.train.run import Run, prepare
-from tinyclip_ds.train.stage1 import Stage1Task
-from tinyclip_ds.train.stage2 import Stage2Task
-from tinyclip_ds.train.task import StepResult, Task
-
-TASKS = {"stage1_image": Stage1Task, "stage1_text": Stage1Task, "stage2": Stage2Task}
+from tinyclip_ds.train.task import StepResult, Task, task_class
 
 
 def train(recipe: Recipe, resume: str | None = None) -> int:
     """Run the recipe's stage on this rank; returns the process exit code."""
     run = prepare(recipe, resume)
-    code = Trainer(run, TASKS[recipe.stage](run)).fit()
+    code = Trainer(run, build_task(run)).fit()
     distributed.shutdown()  # only after a normal end: ranks that failed may be inside a collective
     return code
+
+
+def build_task(run: Run) -> Task:
+    """The task of the run's stage, its student summary printed."""
+    recipe = run.recipe
+    task = task_class(STAGES[recipe.stage]).for_recipe(recipe, run.teacher, run.device, run.rank, run.monitor.print,
+                                                run.plan.init_from)
+    run.monitor.print(summarize(recipe, run.teacher.clip, task.students))
+    return task
 
 
 @dataclass
@@ -85,10 +91,12 @@ class Trainer:
         """Train; returns the process exit code (0 done or pre-empted, 1 stopped by non-finite losses)."""
         run, recipe, task = self.run, self.recipe, self.task
         engine = self.engine = build_engine(task.module, run.ds_config, recipe.train)
-        state = self.state = self.start()
+        dataset = task.dataset()
+        state = self.state = self.start(dataset)
         self.saved_step = state.step  # the newest checkpoint's step (0: none, or nothing to save)
-        batches = self.batches(task.dataset())
-        evaluate = StudentEvaluation(run, engine.module, *task.encoders(engine.module))
+        batches = self.batches(dataset)
+        evaluate = StudentEvaluation(run.evaluator, run.teacher.clip, run.monitor, run.rank, engine.module,
+                                     *task.encoders(engine.module))
         skips = DataSkips(state, recipe.train.max_unusable, run.device)
         preemption = Preemption()
         window = LogWindow()
@@ -98,9 +106,11 @@ class Trainer:
                 # Too few usable samples on some rank: all ranks skip, before any forward (ZeRO-3
                 # forwards are collective).
                 if not skips.check(micro_batches, task.usable(micro_batches)):
+                    run.samples.flush(state.step + 1, skipped="unusable")
                     continue
                 result = task.step(engine, micro_batches)
                 if not result.applied:
+                    run.samples.flush(state.step + 1, skipped="nonfinite")
                     state.skipped_steps += 1
                     state.nonfinite_in_a_row += 1
                     run.monitor.print(f"step {state.step + 1}: non-finite loss, step skipped "
@@ -147,15 +157,21 @@ class Trainer:
         run.monitor.print(f"done: {state.step} steps; run directory {run.run_dir.resolve()}")
         return 0
 
-    def start(self) -> TrainState:
-        """Collective: the state training starts from — the checkpoint's (loaded into the engine)
-        when resuming, else a fresh one — after which rank 0 writes the run's recipe.yaml and
+    def start(self, dataset) -> TrainState:
+        """Collective: the state training starts from — the checkpoint's (loaded into the engine,
+        its data position checked against ``dataset``, a `Mixture` as its ``source``) when
+        resuming, else a fresh one — after which rank 0 writes the run's recipe.yaml and
         ds_config.json. Only then: a resume refused while loading leaves the run directory as it was."""
         run = self.run
+        sizes, weights, seed = list(dataset.source.sizes), list(self.recipe.data.weights), self.recipe.seed
         state = TrainState()
-        if run.resume_from:
-            state = TrainState.from_dict(checkpoint.load(self.engine, run.resume_from))
+        if run.plan.checkpoint:
+            state = TrainState.from_dict(resume.load(self.engine, run.plan))
+            if state.data_sizes:  # recorded since the data position counts over the sources
+                saved_seed = seed if state.data_seed is None else state.data_seed
+                resume.check_data(state.data_sizes, state.data_weights, saved_seed, sizes, weights, seed)
             run.monitor.print(f"resumed at step {state.step} ({state.samples_consumed} samples consumed)")
+        state.data_sizes, state.data_weights, state.data_seed = sizes, weights, seed
         if run.rank == 0:
             (run.run_dir / "recipe.yaml").write_text(self.recipe.to_yaml())
             (run.run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
@@ -166,17 +182,7 @@ class Trainer:
         global order, continuing from the data position (samples consumed over all ranks, so it
         holds for any world size with the same global batch)."""
         run, state = self.run, self.state
-        sizes, weights, seed = list(dataset.source.sizes), list(self.recipe.data.weights), self.recipe.seed
-        saved_seed = seed if state.data_seed is None else state.data_seed
-        if state.data_sizes and (state.data_sizes, state.data_weights, saved_seed) != (sizes, weights, seed):
-            raise RecipeError(
-                f"the training data changed since the checkpoint: its sources held {state.data_sizes} samples "
-                f"with data.weights {state.data_weights or '[]'} and seed {saved_seed}, now {sizes} with "
-                f"{weights or '[]'} and seed {seed}; the data position would point at other samples. Resume with "
-                f"the same data and seed, or start a new run initialised from this one's weights "
-                f"(student.*.init_from)")
-        state.data_sizes, state.data_weights, state.data_seed = sizes, weights, seed
-        order = GlobalOrder(sizes, self.recipe.seed, weights or None)
+        order = GlobalOrder(state.data_sizes, self.recipe.seed, state.data_weights or None)
         sampler = GlobalBatchSampler(
             order, self.micro, self.accumulation, run.world, run.rank,
             start_position=math.ceil(state.samples_consumed / (self.micro * run.world)))

@@ -7,26 +7,25 @@ the teacher's other tower.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from tinyclip_ds import distributed
+from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.datasets import ImageDataset, TextDataset
 from tinyclip_ds.data.mixture import training_mixture
 from tinyclip_ds.data.order import mix_seed
+from tinyclip_ds.distill.config import TERMS, LossConfig
 from tinyclip_ds.distill.objectives import Stage1Objective
-from tinyclip_ds.distill.terms import TERMS
+from tinyclip_ds.models.config import StudentConfig
 from tinyclip_ds.models.students import build_students
+from tinyclip_ds.models.teachers import Teacher
 from tinyclip_ds.models.transformer import TowerOutput
-from tinyclip_ds.summary import summarize
+from tinyclip_ds.recipe import Recipe
+from tinyclip_ds.stages import STAGES
 from tinyclip_ds.train.engine import engine_step
-from tinyclip_ds.train.task import Encoder, StepResult
-
-if TYPE_CHECKING:
-    from tinyclip_ds.train.run import Run
+from tinyclip_ds.train.resume import InitSource
+from tinyclip_ds.train.task import Encoder, Log, StepResult, image_train_transform
 
 
 class Stage1Student(nn.Module):
@@ -52,29 +51,35 @@ class Stage1Student(nn.Module):
 
 
 class Stage1Task:
-    """Stage 1 for the recipe's one tower: the teacher's tower outputs are the targets."""
+    """Stage 1 for one tower (``kind``): the teacher's tower outputs are the targets."""
 
-    def __init__(self, run: Run):
-        recipe = run.recipe
-        self.run = run
-        self.kind = recipe.towers[0]
-        student = build_students(recipe.student, run.teacher.clip, (self.kind,), recipe.seed)[self.kind]
-        run.monitor.print(summarize(recipe, run.teacher.clip, {self.kind: student}))
-        self.objective = Stage1Objective(recipe.loss, self.kind, student.teacher.shape, student.tower.shape,
-                                         student.layer_pairs, student.key)
-        self.module = Stage1Student(student.tower, self.objective)
-        self.teacher_forward = run.teacher.image if self.kind == "image" else run.teacher.text
+    def __init__(self, kind: str, student: StudentConfig, loss: LossConfig, data: DataConfig, seed: int,
+                 teacher: Teacher, device: torch.device, rank: int, log: Log):
+        self.kind, self.data, self.seed = kind, data, seed
+        self.teacher, self.device, self.rank, self.log = teacher, device, rank, log
+        built = build_students(student, teacher.clip, (kind,), seed)[kind]
+        self.students = {kind: built}
+        self.objective = Stage1Objective(loss, kind, built.teacher.shape, built.tower.shape,
+                                         built.layer_pairs, built.key)
+        self.module = Stage1Student(built.tower, self.objective)
+        self.teacher_forward = teacher.image if kind == "image" else teacher.text
         # a term that compares the samples of a micro-batch with each other needs two of them
         self.smallest_batch = 2 if any(TERMS[name].in_batch for name in self.objective.terms) else 1
 
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, teacher: Teacher, device: torch.device, rank: int, log: Log,
+                   init_from: dict[str, InitSource]) -> Stage1Task:
+        """The stage's one tower, from the recipe (stage 1 starts from ``student.<kind>.init``)."""
+        kind, = STAGES[recipe.stage].towers
+        return cls(kind, recipe.student, recipe.loss, recipe.data, recipe.seed, teacher, device, rank, log)
+
     def dataset(self) -> Dataset:
         """The recipe's images (with the training augmentation) or captions (tokenized)."""
-        run, data = self.run, self.run.recipe.data
         if self.kind == "text":
-            dataset = TextDataset(training_mixture("captions", data), run.teacher.tokenizer)
+            dataset = TextDataset(training_mixture("captions", self.data), self.teacher.tokenizer)
         else:
-            dataset = ImageDataset(training_mixture("images", data), run.image_train_transform())
-        run.monitor.print(f"training data: {dataset.source.summary()}")
+            dataset = ImageDataset(training_mixture("images", self.data), image_train_transform(self.data, self.teacher))
+        self.log(f"training data: {dataset.source.summary()}")
         return dataset
 
     def usable(self, micro_batches: list[dict]) -> bool:
@@ -83,17 +88,16 @@ class Stage1Task:
 
     def step(self, engine, micro_batches: list[dict]) -> StepResult:
         """Each micro-batch: teacher targets, student loss, backward; the boundary steps."""
-        run = self.run
         result = StepResult()
-        total = torch.zeros((), device=run.device)
+        total = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = {}
         for batch in micro_batches:
             inputs = batch[self.kind]
             if self.kind == "text":
-                inputs = run.teacher.clip.text.trim_padding(inputs)  # nothing the terms read changes
-            inputs = inputs.to(run.device)
+                inputs = self.teacher.clip.text.trim_padding(inputs)  # nothing the terms read changes
+            inputs = inputs.to(self.device)
             teacher_out = self.teacher_forward(inputs, self.objective.teacher_request)
-            seed = mix_seed(run.recipe.seed, "vit_kd", batch["position"], distributed.rank())
+            seed = mix_seed(self.seed, "vit_kd", batch["position"], self.rank)
             loss, terms = engine(inputs, teacher_out, seed)
             engine.backward(loss)
             result.finish(engine_step(engine))

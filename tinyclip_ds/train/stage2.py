@@ -4,27 +4,24 @@ with contrastive-correct large batches (see `tinyclip_ds.train.contrastive`)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from tinyclip_ds import distributed
-from tinyclip_ds.config import RecipeError
+from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.datasets import PairDataset
 from tinyclip_ds.data.mixture import training_mixture
 from tinyclip_ds.data.order import mix_seed
-from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective, active_terms
-from tinyclip_ds.models.students import describe_differences, build_students, shape_differences
+from tinyclip_ds.distill.config import LossConfig, active_terms
+from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective
+from tinyclip_ds.models.config import StudentConfig
+from tinyclip_ds.models.students import build_students
+from tinyclip_ds.models.teachers import Teacher
 from tinyclip_ds.models.transformer import Request
-from tinyclip_ds.summary import summarize
-from tinyclip_ds.train import checkpoint
+from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train.contrastive import Features, contrastive_step
-from tinyclip_ds.train.task import Encoder, StepResult
-
-if TYPE_CHECKING:
-    from tinyclip_ds.train.run import Run
+from tinyclip_ds.train.resume import InitSource, load_tower
+from tinyclip_ds.train.task import Encoder, Log, StepResult, image_train_transform
 
 
 class LogitScale(nn.Module):
@@ -87,76 +84,47 @@ def tower_ids(ids: Tensor, teacher_text: nn.Module, objective: Stage2Objective) 
     return teacher_text.trim_padding(ids)
 
 
-def initialise_from_stage1(tower: nn.Module, kind: str, cfg, monitor) -> None:
-    """Load a tower from a stage-1 run directory or checkpoint (``student.<kind>.init_from``)."""
-    key = f"student.{kind}.init_from"
-    path = checkpoint.find_checkpoint(cfg.init_from)
-    if path is None:
-        if cfg.init_from_missing == "init":
-            monitor.print(f"{kind} tower: no complete stage-1 checkpoint at {cfg.init_from}; "
-                          f"starting from '{cfg.init}' initialisation instead")
-            return
-        raise RecipeError(f"'{key}' = {cfg.init_from}: no complete checkpoint there; run stage 1 "
-                          f"first, or set {key}='' to start from student.{kind}.init")
-    saved = checkpoint.saved_record(path)
-    if saved["stage"] not in (None, f"stage1_{kind}"):
-        raise RecipeError(f"'{key}' = {cfg.init_from}: {path} was saved by a {saved['stage']} run; it takes "
-                          f"a stage1_{kind} run (or set {key}='' to start from student.{kind}.init)")
-    if saved["towers"]:
-        # Head count and activation change no parameter shape: only the record can tell them.
-        if differences := shape_differences(kind, saved["towers"][kind], tower.shape):
-            was, now = describe_differences(differences)
-            raise RecipeError(f"'{key}': the stage-1 checkpoint {path} was saved with {was}; this recipe "
-                              f"has {now}: give student.{kind} the stage-1 run's shape (its recipe: "
-                              f"{checkpoint.recipe_of(path)}) or change {key}")
-    else:
-        monitor.print(f"{kind} tower: {path} records no student shape (saved by an older version); only "
-                      f"parameter shapes are checked: head count and activation assumed to be this recipe's "
-                      f"(student.{kind}.heads={tower.shape.heads}, act={tower.shape.act})")
-    state = checkpoint.consolidated_state_dict(path)
-    weights = {name[len("tower."):]: value for name, value in state.items() if name.startswith("tower.")}
-    try:
-        tower.load_state_dict(weights, strict=True)
-    except RuntimeError as err:  # missing, unexpected or other-shaped parameters
-        problems = " ".join(line.strip() for line in str(err).splitlines()[1:])
-        raise RecipeError(f"'{key}': {path} does not hold a student.{kind} tower of this recipe's shape "
-                          f"({problems[:600]}); was it a stage1_{kind} run with the same student.{kind}?") from None
-    monitor.print(f"{kind} tower: loaded from stage-1 checkpoint {path}")
-
-
 class Stage2Task:
     """Stage 2: both student towers, their logit scale and any stage-1 terms kept on, trained on
     pairs with the recipe's stage-2 terms over the whole gathered batch."""
 
-    def __init__(self, run: Run):
-        recipe, monitor, teacher = run.recipe, run.monitor, run.teacher
-        self.run = run
-        students = build_students(recipe.student, teacher.clip, ("image", "text"), recipe.seed)
-        for kind, student in students.items():
-            tower_cfg = getattr(recipe.student, kind)
-            if tower_cfg.init_from:
-                initialise_from_stage1(student.tower, kind, tower_cfg, monitor)
+    def __init__(self, student: StudentConfig, loss: LossConfig, data: DataConfig, freeze: str, seed: int,
+                 teacher: Teacher, device: torch.device, rank: int, log: Log,
+                 init_from: dict[str, InitSource]):
+        self.data, self.seed = data, seed
+        self.teacher, self.device, self.rank, self.log = teacher, device, rank, log
+        students = self.students = build_students(student, teacher.clip, ("image", "text"), seed)
+        for kind, built in students.items():
+            if kind in init_from:
+                load_tower(built.tower, init_from[kind], log)
             else:
-                monitor.print(f"{kind} tower: '{tower_cfg.init}' initialisation from the teacher"
-                              if tower_cfg.init == "inherit" else f"{kind} tower: random initialisation")
-        if recipe.train.freeze != "none":
-            students[recipe.train.freeze].tower.requires_grad_(False)
-        monitor.print(summarize(recipe, teacher.clip, students))
+                init = getattr(student, kind).init
+                log(f"{kind} tower: '{init}' initialisation from the teacher" if init == "inherit"
+                    else f"{kind} tower: random initialisation")
+        if freeze != "none":
+            students[freeze].tower.requires_grad_(False)
 
-        self.objective = Stage2Objective(recipe.loss)
+        self.objective = Stage2Objective(loss)
         stage1 = {}
-        if active_terms(recipe.loss, "stage1"):
-            stage1 = {kind: Stage1Objective(recipe.loss, kind, s.teacher.shape, s.tower.shape, s.layer_pairs, s.key)
+        if active_terms(loss, "stage1"):
+            stage1 = {kind: Stage1Objective(loss, kind, s.teacher.shape, s.tower.shape, s.layer_pairs, s.key)
                       for kind, s in students.items()}
         self.module = Stage2Student(students["image"].tower, students["text"].tower,
-                                    LogitScale(recipe.loss.logit_scale_init, recipe.loss.logit_scale_max),
+                                    LogitScale(loss.logit_scale_init, loss.logit_scale_max),
                                     stage1, self.objective.student_tokens)
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, teacher: Teacher, device: torch.device, rank: int, log: Log,
+                   init_from: dict[str, InitSource]) -> Stage2Task:
+        """Both towers, from the recipe; ``init_from``: the stage-1 checkpoints they start from."""
+        return cls(recipe.student, recipe.loss, recipe.data, recipe.train.freeze, recipe.seed, teacher, device,
+                   rank, log, init_from)
 
     def dataset(self) -> Dataset:
         """The recipe's image–caption pairs, with the training augmentation, tokenized."""
-        run, data = self.run, self.run.recipe.data
-        dataset = PairDataset(training_mixture("pairs", data), run.image_train_transform(), run.teacher.tokenizer)
-        run.monitor.print(f"training data: {dataset.source.summary()}")
+        dataset = PairDataset(training_mixture("pairs", self.data), image_train_transform(self.data, self.teacher),
+                              self.teacher.tokenizer)
+        self.log(f"training data: {dataset.source.summary()}")
         return dataset
 
     def usable(self, micro_batches: list[dict]) -> bool:
@@ -165,9 +133,8 @@ class Stage2Task:
 
     def step(self, engine, micro_batches: list[dict]) -> StepResult:
         """One contrastive step over all micro-batches of all ranks (`contrastive_step`)."""
-        run = self.run
         inputs = [self.inputs(batch) for batch in micro_batches]
-        seeds = [mix_seed(run.recipe.seed, "vit_kd", batch["position"], distributed.rank())
+        seeds = [mix_seed(self.seed, "vit_kd", batch["position"], self.rank)
                  for batch in micro_batches]
         teacher = [self.teacher_features(images, ids) for images, ids in inputs]
 
@@ -177,7 +144,7 @@ class Stage2Task:
                 return engine.module(images, ids)
             return engine(images, ids, self.teacher_intermediates(images, ids), seeds[m])
 
-        return contrastive_step(engine, forward, self.objective, teacher, run.device)
+        return contrastive_step(engine, forward, self.objective, teacher, self.device)
 
     def encoders(self, model: Stage2Student) -> tuple[Encoder | None, Encoder | None]:
         """Both student towers."""
@@ -186,12 +153,12 @@ class Stage2Task:
 
     def inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
         """A micro-batch's images and token ids on the device (empty when none was usable)."""
-        device = self.run.device
+        device = self.device
         if "image" not in batch:  # every image of the micro-batch was unreadable
-            size = self.run.teacher.image_size
+            size = self.teacher.image_size
             return (torch.zeros(0, 3, size, size, device=device),
                     torch.zeros(0, 1, dtype=torch.long, device=device))
-        ids = tower_ids(batch["text"], self.run.teacher.clip.text, self.objective)
+        ids = tower_ids(batch["text"], self.teacher.clip.text, self.objective)
         return batch["image"].to(device), ids.to(device)
 
     def teacher_features(self, images: Tensor, ids: Tensor) -> Features | None:
@@ -199,7 +166,7 @@ class Stage2Task:
         if not self.objective.needs_teacher:
             return None
         tokens = self.objective.teacher_tokens
-        teacher = self.run.teacher
+        teacher = self.teacher
         image = teacher.image(images, Request(tokens=tokens))
         text = teacher.text(ids, Request(tokens=tokens))
         return Features(image.embedding, text.embedding, image.tokens, text.tokens,
@@ -210,7 +177,7 @@ class Stage2Task:
         stage1 = self.module.stage1
         if not stage1:
             return None
-        teacher = self.run.teacher
+        teacher = self.teacher
         forward = {"image": (teacher.image, images), "text": (teacher.text, ids)}
         return {kind: forward[kind][0](forward[kind][1], objective.teacher_request)
                 for kind, objective in stage1.items()}

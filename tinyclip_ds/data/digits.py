@@ -12,9 +12,13 @@ Every digit is drawn as the same `GLYPH`×`GLYPH` glyph: centred for a single, i
 half for a pair, so a digit looks alike in both. Pairs are composed only from digits of their own
 split, so no held-out digit is ever seen in training.
 
-The demo teacher is trained on the train split by `tinyclip_ds.demo.teacher`. This module
-imports only numpy, PIL and scikit-learn: the data layer (`tinyclip_ds.data.sources`) reads the
-``demo:`` specs through it, and the data layer must not depend on the models.
+The ``demo:`` data specs (``demo:digits``, ``demo:digit_pairs``) are read from here by
+`tinyclip_ds.data.sources`, and the demo teacher is trained on the train split by
+`tinyclip_ds.demo.teacher`. The module lives in the data layer, not in `tinyclip_ds.demo`,
+because it is a data source like any other (it needs numpy, PIL and scikit-learn, nothing
+above ``data/``): every reader of a spec (training, evaluation, ``tinyclip-ds eval``,
+``prepare``) reads ``demo:`` specs with no registration step, and the data layer never imports
+the demo package, whose teacher depends on the models.
 """
 
 from __future__ import annotations
