@@ -43,10 +43,10 @@ def recipe_of(stage: str, run_dir: Path, *overrides: str):
 
 def save_like_a_run(recipe, teacher, step: int = 4, world: int = 2, zero: int = 2, complete: bool = True) -> Path:
     """The checkpoint directory a run of ``recipe`` leaves at ``step``, as far as the plan reads it."""
-    module = task_class(STAGES[recipe.stage]).for_recipe(recipe, teacher, torch.device("cpu"), 0, lambda line: None, {}).module
+    task = task_class(STAGES[recipe.stage]).for_recipe(recipe, teacher, torch.device("cpu"), 0, lambda line: None, {})
     path = recipe.output_dir / "checkpoints" / tag_for(step)
     path.mkdir(parents=True)
-    (path / RECORD).write_text(json.dumps(model_record(module)))
+    (path / RECORD).write_text(json.dumps(model_record(task.module)))
     if complete:
         (path / MARKER).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": zero,
                                                "precision": "fp32", "global_batch": 8}))
@@ -106,7 +106,8 @@ REFUSALS = {
     "no such tag": ("stage1_image", [], "step_00000008", {}, r"checkpoint 'step_00000008': no checkpoint directory"),
     "another stage": ("stage1_text", [], "SAVED", {}, r"was saved by a stage1_image run; this recipe is stage1_text"),
     "another shape": ("stage1_image", ["student.image.heads=8"], "auto", {},
-                      r"saved by a stage1_image run with student\.image\.heads=4; this recipe has student\.image\.heads=8"),
+                      r"saved by a stage1_image run with student\.image\.heads=4; "
+                      r"this recipe has student\.image\.heads=8"),
     "another global batch": ("stage1_image", ["train.global_batch=16"], "auto", {},
                              r"global batch of 8 samples per step, this launch has 16"),
     "another ZeRO family": ("stage1_image", [], "auto", {"ds_config": "zero0_fp32"},

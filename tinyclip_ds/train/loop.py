@@ -46,8 +46,8 @@ def train(recipe: Recipe, resume: str | None = None) -> int:
 def build_task(run: Run) -> Task:
     """The task of the run's stage, its student summary printed."""
     recipe = run.recipe
-    task = task_class(STAGES[recipe.stage]).for_recipe(recipe, run.teacher, run.device, run.rank, run.monitor.print,
-                                                run.plan.init_from)
+    task = task_class(STAGES[recipe.stage]).for_recipe(recipe, run.teacher, run.device, run.rank,
+                                                       run.monitor.print, run.plan.init_from)
     run.monitor.print(summarize(recipe, run.teacher.clip, task.students))
     return task
 

@@ -87,8 +87,9 @@ def plan_resume(recipe: Recipe, resume: str | None, world: int, ds_config: dict,
                                 ds_config["train_batch_size"])
     check_resume(path, recipe.stage, shapes)
     saved = marker_info(path)
-    how = f"converted once to DeepSpeed's universal format in {universal_path(path)}" if universal else "loaded as saved"
-    note = (f"resuming from {path} (saved by {saved['world_size']} rank(s) with ZeRO-{saved['zero_stage']}; {how})")
+    how = (f"converted once to DeepSpeed's universal format in {universal_path(path)}" if universal
+           else "loaded as saved")
+    note = f"resuming from {path} (saved by {saved['world_size']} rank(s) with ZeRO-{saved['zero_stage']}; {how})"
     # The towers' weights come from the checkpoint: stage-1 checkpoints named by init_from are not read.
     return ResumePlan(checkpoint=path, universal=universal, saved=saved, notes=(note,))
 

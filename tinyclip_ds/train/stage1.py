@@ -78,7 +78,8 @@ class Stage1Task:
         if self.kind == "text":
             dataset = TextDataset(training_mixture("captions", self.data), self.teacher.tokenizer)
         else:
-            dataset = ImageDataset(training_mixture("images", self.data), image_train_transform(self.data, self.teacher))
+            transform = image_train_transform(self.data, self.teacher)
+            dataset = ImageDataset(training_mixture("images", self.data), transform)
         self.log(f"training data: {dataset.source.summary()}")
         return dataset
 
