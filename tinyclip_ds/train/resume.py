@@ -4,7 +4,7 @@ A run continues a checkpoint (``--resume``) or starts stage-2 towers from stage-
 (``student.<kind>.init_from``). `plan_resume` decides all of it from the checkpoints' markers and
 records alone — which checkpoint, whether it loads through DeepSpeed's universal format, which
 stage-1 checkpoints — and refuses by name what cannot work, before the run directory is touched
-and before any model is built. The plan is then applied in phases, in this order:
+and before any student is built (the teacher is loaded: the plan compares tower shapes). The plan is then applied in phases, in this order:
 
 1. `prepare_checkpoint` (collective): the universal conversion, when the plan needs one;
 2. `load_tower`: a stage-2 task loads each tower's stage-1 weights as it builds its model;
