@@ -188,6 +188,29 @@ def test_recipe_file_problems_are_one_line_errors(tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "student.image.layer_map", "not a valid YAML value")
 
 
+def test_an_unquoted_brace_pattern_in_a_list_says_how_to_quote_it(tmp_path, capsys):
+    """YAML reads {00000..00331} inside [...] as a mapping: the error shows the quoted list, and
+    the quoted list is what loads."""
+    value = "[/data/a.tsv, /data/cc3m/{00000..00331}.tar, /data/x/{a,b}.tar]"
+    quoted = '["/data/a.tsv", "/data/cc3m/{00000..00331}.tar", "/data/x/{a,b}.tar"]'
+    assert main(["check", DEMO, "--no-paths", "--set", f"data.pairs={value}"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "not a valid YAML value",
+                          f"a brace pattern inside [...] needs quotes: --set 'data.pairs={quoted}'")
+    assert main(["check", DEMO, "--no-paths", "--set", f"data.pairs={quoted}"]) == 0
+    assert "- /data/cc3m/{00000..00331}.tar\n  - /data/x/{a,b}.tar" in capsys.readouterr().out
+
+    recipe = tmp_path / "shards.yaml"
+    recipe.write_text(f"base: {DEMO}\ndata:\n  pairs: {value}\n")
+    assert main(["check", str(recipe), "--no-paths"]) == 2
+    assert_one_line_error(capsys.readouterr().err, str(recipe), "invalid YAML at line 3",
+                          f"a brace pattern inside [...] needs quotes: pairs: {quoted}")
+    recipe.write_text(f"base: {DEMO}\ndata:\n  pairs: {quoted}\n")
+    assert main(["check", str(recipe), "--no-paths"]) == 0
+
+    assert main(["check", DEMO, "--set", "student.image.layer_map=[1, 2"]) == 2
+    assert "quotes" not in capsys.readouterr().err  # other YAML problems get no such hint
+
+
 def test_recipe_with_a_byte_order_mark_loads(tmp_path, capsys):
     bom = tmp_path / "excel.yaml"
     bom.write_bytes(b"\xef\xbb\xbf" + f"base: {DEMO}\nseed: 3\n".encode())

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -137,7 +139,11 @@ def read_yaml(path: Path, context: str = "") -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}{context}: invalid YAML{_yaml_problem(err)}") from None
+        mark = getattr(err, "problem_mark", None)
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        key, _, value = line.partition(":")
+        hint = _brace_hint(value, f"{key.strip()}: {{}}")
+        raise RecipeError(f"{path}{context}: invalid YAML{_yaml_problem(err)}{hint}") from None
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -255,7 +261,29 @@ def _yaml_value(text: str, key: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"--set {key}={text}: not a valid YAML value{_yaml_problem(err)}") from None
+        hint = _brace_hint(text, f"--set '{key}={{}}'")
+        raise RecipeError(f"--set {key}={text}: not a valid YAML value{_yaml_problem(err)}{hint}") from None
+
+
+_BRACE_PATTERN = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")  # shards/{00000..00331}.tar, {a,b}.tar
+
+
+def _brace_hint(value: str, form: str) -> str:
+    """What to write instead of a ``[...]`` list holding a shard brace pattern, which YAML reads
+    as a mapping and refuses: the list with its items quoted, shown in ``form`` (a format with
+    one ``{}``); '' for any other YAML problem."""
+    value = value.strip()
+    if not (value.startswith("[") and value.endswith("]") and _BRACE_PATTERN.search(value)):
+        return ""
+    items, depth, start = [], 0, 1
+    for i, char in enumerate(value[1:-1], start=1):  # commas inside {a,b} do not end an item
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    items.append(value[start:-1])
+    quoted = "[" + ", ".join(json.dumps(item.strip().strip("'\"")) for item in items) + "]"
+    return f"; a brace pattern inside [...] needs quotes: {form.format(quoted)}"
 
 
 # --------------------------------------------------------------------------- building
