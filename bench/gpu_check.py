@@ -294,7 +294,7 @@ def sample_flops(task, stage: str, example: dict, rows: int = 2) -> tuple[float,
         student = count(lambda: module(inputs, targets, 0))
         text_tokens = None
     else:
-        images, ids = (x[:rows] for x in task.inputs(example))
+        images, ids = (x[:rows] for x in task.inputs(example, None))
         teacher = count(lambda: (task.teacher_features(images, ids), task.teacher_intermediates(images, ids)))
         with torch.no_grad():
             intermediates = task.teacher_intermediates(images, ids)

@@ -1,6 +1,7 @@
 """Text towers run on ids cut after the batch's longest text (`TextTower.trim_padding`): every
 output a loss reads is what the whole context gives. (The stage-2 gradient with micro-batches
-cut to different lengths is checked in test_large_batch_equivalence.py.)"""
+cut to different lengths, and cut to one length for FILIP, is checked in
+test_large_batch_equivalence.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from tinyclip_ds.distill.config import TERMS, LossConfig
-from tinyclip_ds.distill.objectives import Stage1Objective
-from tinyclip_ds.models.transformer import TextTower, TowerShape
+from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective
+from tinyclip_ds.models.transformer import Request, TextTower, TowerShape, VisionTower
+from tinyclip_ds.train.contrastive import Features
+from tinyclip_ds.train.stage2 import step_text_length, tower_ids
 
 VOCAB, CONTEXT = 60, 20
 
@@ -77,3 +80,34 @@ def test_cutting_into_a_text_changes_its_embedding():
         short = teacher(ids[:, :8]).embedding
     torch.testing.assert_close(short[0], full[0], rtol=1e-5, atol=1e-6)
     assert (short[1] - full[1]).abs().max() > 1e-3
+
+
+def test_token_wise_terms_are_unchanged_at_the_steps_common_length():
+    """FILIP and its distillation read every text token up to each text's end: cut to the step's
+    longest text (`step_text_length`, here one rank), they give the whole context's values."""
+    teacher_text, student_text = towers(None)
+    torch.manual_seed(0)
+    vision = VisionTower(TowerShape(width=24, layers=1, heads=4, mlp_width=48, output_dim=16, image_size=16,
+                                    patch_size=8)).eval()
+    objective = Stage2Objective(LossConfig(filip=1.0, filip_distill=1.0))
+    micro_batches = [text_ids([5, 3], VOCAB - 1, 0), text_ids([9, 7], VOCAB - 1, 0)]
+    length = step_text_length(micro_batches, teacher_text, objective, torch.device("cpu"))
+    assert length == 9 and step_text_length(micro_batches, teacher_text, Stage2Objective(
+        LossConfig(contrastive=1.0)), torch.device("cpu")) is None
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def values(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        request = Request(tokens=True)
+        with torch.no_grad():
+            image = vision(images, request)
+            student, teacher = student_text(ids, request), teacher_text(ids, request)
+        s = Features(image.embedding, student.embedding, image.tokens, student.tokens, student.token_mask)
+        t = Features(image.embedding, teacher.embedding, image.tokens, teacher.tokens, teacher.token_mask)
+        return objective(s, t, torch.tensor(10.0), torch.arange(4))[1]
+
+    full = values(torch.cat(micro_batches))
+    cut = values(torch.cat([tower_ids(ids, teacher_text, length) for ids in micro_batches]))
+    assert cut.keys() == full.keys() == {"filip", "filip_distill"}
+    for name, value in full.items():
+        assert value > 0, name
+        torch.testing.assert_close(cut[name], value, rtol=1e-5, atol=1e-7, msg=name)

@@ -56,6 +56,15 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of any rank."""
+    if world() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def gather_objects(value) -> list:
     """Every rank's ``value`` (any picklable object), in rank order."""
     if world() == 1:

@@ -23,7 +23,7 @@ from tinyclip_ds.distributed import init_distributed, shutdown
 from tinyclip_ds.train.config import TrainConfig
 from tinyclip_ds.train.contrastive import Features, contrastive_step, direct_step
 from tinyclip_ds.train.engine import build_engine
-from tinyclip_ds.train.stage2 import LogitScale, Stage2Student, tower_ids
+from tinyclip_ds.train.stage2 import LogitScale, Stage2Student, step_text_length, tower_ids
 from tinyclip_ds.train.task import StepResult
 
 SAMPLES, VOCAB, CONTEXT = 32, 50, 12
@@ -43,7 +43,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(SAMPLES, 3, 16, 16, generator=generator)
     ids = torch.randint(1, VOCAB - 1, (SAMPLES, CONTEXT), generator=generator)
-    eot = torch.randint(3, CONTEXT, (SAMPLES,), generator=generator)
+    eot = torch.randint(3, CONTEXT - 2, (SAMPLES,), generator=generator)  # the longest text is cut too
     positions = torch.arange(CONTEXT)
     ids = torch.where(positions[None] > eot[:, None], 0, ids)  # padding after the end of text
     ids[torch.arange(SAMPLES), eot] = VOCAB - 1  # argmax pooling finds it
@@ -101,8 +101,11 @@ def main() -> None:
             original_step()
 
         engine.step = step_and_record
-        # As Stage2Task.inputs gives them: each micro-batch cut after its own longest text.
-        batches = [{**batch, "text": tower_ids(batch["text"], teacher.clip.text, objective)}
+        # As Stage2Task.step gives them: each micro-batch cut after its own longest text or, with
+        # a token-wise term, all after the step's longest over every micro-batch and rank.
+        length = step_text_length([batch["text"] for batch in micro_batches], teacher.clip.text, objective,
+                                  torch.device("cpu"))
+        batches = [{**batch, "text": tower_ids(batch["text"], teacher.clip.text, length)}
                    for batch in micro_batches]
         features = [teacher_features(teacher, batch) if objective.needs_teacher else None
                     for batch in batches]

@@ -4,10 +4,12 @@ with contrastive-correct large batches (see `tinyclip_ds.train.contrastive`)."""
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from tinyclip_ds import distributed
 from tinyclip_ds.data.config import DataConfig
 from tinyclip_ds.data.datasets import PairDataset
 from tinyclip_ds.data.mixture import training_mixture
@@ -17,7 +19,7 @@ from tinyclip_ds.distill.objectives import Stage1Objective, Stage2Objective
 from tinyclip_ds.models.config import StudentConfig
 from tinyclip_ds.models.students import build_students
 from tinyclip_ds.models.teachers import Teacher
-from tinyclip_ds.models.transformer import Request
+from tinyclip_ds.models.transformer import Request, TextTower
 from tinyclip_ds.recipe import Recipe
 from tinyclip_ds.train.contrastive import Features, contrastive_step
 from tinyclip_ds.train.resume import InitSource, load_tower
@@ -75,13 +77,25 @@ class Stage2Student(nn.Module):
         return features, self.logit_scale(), local, terms
 
 
-def tower_ids(ids: Tensor, teacher_text: nn.Module, objective: Stage2Objective) -> Tensor:
-    """A micro-batch's token ids (on the CPU) as both text towers get them: without the padding
-    after its longest text (`TextTower.trim_padding`), unless a token-wise term is on — those
-    gather token features over micro-batches and ranks, which takes one length everywhere."""
-    if objective.teacher_tokens or objective.student_tokens:
-        return ids
-    return teacher_text.trim_padding(ids)
+def step_text_length(ids: list[Tensor], teacher_text: TextTower, objective: Stage2Objective,
+                     device: torch.device) -> int | None:
+    """Collective when a token-wise term is on: the length the token ids of every micro-batch of
+    the step, on every rank, are cut to — after the step's longest text over all of them
+    (``ids``: this rank's, on the CPU), since those terms gather token features over micro-batches
+    and ranks, which takes one length. None when no such term is on: each micro-batch is then cut
+    after its own longest text."""
+    if not objective.student_tokens:
+        return None
+    longest = max((teacher_text.trim_padding(batch).shape[1] for batch in ids if batch.numel()), default=1)
+    return distributed.max_over_ranks(longest, device)
+
+
+def tower_ids(ids: Tensor, teacher_text: TextTower, length: int | None) -> Tensor:
+    """A micro-batch's token ids (on the CPU) as both text towers get them: cut after ``length``
+    tokens (`step_text_length`) or, for None, after its own longest text
+    (`TextTower.trim_padding`). Either way nothing a term reads changes: the towers are causal
+    and every text ends within the cut."""
+    return teacher_text.trim_padding(ids) if length is None else ids[:, :length]
 
 
 class Stage2Task:
@@ -133,7 +147,9 @@ class Stage2Task:
 
     def step(self, engine, micro_batches: list[dict]) -> StepResult:
         """One contrastive step over all micro-batches of all ranks (`contrastive_step`)."""
-        inputs = [self.inputs(batch) for batch in micro_batches]
+        length = step_text_length([batch["text"] for batch in micro_batches if "image" in batch],
+                                  self.teacher.clip.text, self.objective, self.device)
+        inputs = [self.inputs(batch, length) for batch in micro_batches]
         seeds = [mix_seed(self.seed, "vit_kd", batch["position"], self.rank)
                  for batch in micro_batches]
         teacher = [self.teacher_features(images, ids) for images, ids in inputs]
@@ -151,14 +167,15 @@ class Stage2Task:
         return (lambda images: model.image(images).embedding,
                 lambda ids: model.text(model.text.fit_context(ids)).embedding)
 
-    def inputs(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """A micro-batch's images and token ids on the device (empty when none was usable)."""
+    def inputs(self, batch: dict, length: int | None) -> tuple[Tensor, Tensor]:
+        """A micro-batch's images and token ids (cut as `tower_ids` says) on the device (empty
+        when none was usable)."""
         device = self.device
         if "image" not in batch:  # every image of the micro-batch was unreadable
             size = self.teacher.image_size
             return (torch.zeros(0, 3, size, size, device=device),
-                    torch.zeros(0, 1, dtype=torch.long, device=device))
-        ids = tower_ids(batch["text"], self.teacher.clip.text, self.objective)
+                    torch.zeros(0, length or 1, dtype=torch.long, device=device))
+        ids = tower_ids(batch["text"], self.teacher.clip.text, length)
         return batch["image"].to(device), ids.to(device)
 
     def teacher_features(self, images: Tensor, ids: Tensor) -> Features | None:
