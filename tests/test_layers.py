@@ -24,6 +24,7 @@ FORBIDDEN = {
     "distill": frozenset({"train", "eval", "data", "recipe"}),
     "eval": frozenset({"train"}),
     "distributed": EVERY_OTHER_LAYER,
+    "stages": EVERY_OTHER_LAYER,  # the stage table names its tasks by import path, imports none
     "config": EVERY_OTHER_LAYER,
 }
 """What each layer must not import; layers not named here may import anything below them."""

@@ -72,9 +72,8 @@ def plan_resume(recipe: Recipe, resume: str | None, world: int, ds_config: dict,
     builds. Raises a RecipeError naming the problem and the fix."""
     run_dir = recipe.output_dir
     path = resolve(run_dir, resume)
-    if resume is None and complete_checkpoints(run_dir):
-        newest = complete_checkpoints(run_dir)[-1]
-        raise RecipeError(f"{run_dir} already holds checkpoints (newest: {newest.name}); pass "
+    if resume is None and (existing := complete_checkpoints(run_dir)):
+        raise RecipeError(f"{run_dir} already holds checkpoints (newest: {existing[-1].name}); pass "
                           f"--resume auto to continue that run, or --set run_dir=<new dir> "
                           f"(or name=<new name>) to start a new one")
     if path is None:
